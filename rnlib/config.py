@@ -1,0 +1,226 @@
+"""Study profiles: YAML files in rnlib/profiles/, validated into frozen dataclasses.
+
+A profile holds every knob of the study (model, data sizes, LoRA, GRPO, generation, judge, seeds), so a
+run is fully described by its profile plus the stage inputs. Loading is strict: an unknown key or a value
+of the wrong kind fails with one line naming the key and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+PROFILE_DIR = Path(__file__).parent / "profiles"
+DOMAINS = ("biochem", "cyber")
+JUDGE_KINDS = ("rubric", "classifier", "llm")
+
+
+class ConfigError(ValueError):
+    """A profile or override that cannot be used; the message names the key and the fix."""
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Sampling used by the attacker and by every evaluation (the attack's temperature)."""
+
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+
+@dataclass(frozen=True)
+class JudgeSettings:
+    kind: str = "rubric"
+    model: str | None = None  # classifier / llm: hub id or local path
+    endpoint: str | None = None  # llm: OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1
+    harmful_label: str | None = None  # classifier: label name that means harmful
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """How many prompts of each fixed split a profile uses (the splits themselves live in rnlib.data)."""
+
+    n_defense: int = 72
+    n_attack: int = 28
+    n_eval: int = 16
+    n_benign_train: int = 60
+    n_benign_eval: int = 16
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    samples_per_prompt: int = 4  # n answers per eval prompt: the neutralization index needs n >= 2
+    batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class AlignSettings:
+    skip_if_refusal_at_least: float = 0.8
+    epochs: float = 8.0
+    learning_rate: float = 3e-4
+    batch_size: int = 8
+    max_length: int = 192
+
+
+@dataclass(frozen=True)
+class GRPOSettings:
+    """One GRPO stage (defend or attack). Steps are optimizer steps."""
+
+    max_steps: int = 50
+    learning_rate: float = 2e-4
+    num_generations: int = 4
+    prompts_per_step: int = 2
+    beta: float = 0.0
+    loss_type: str = "dapo"
+    scale_rewards: str = "group"
+    eval_every: int = 10
+    save_every: int = 10
+
+
+@dataclass(frozen=True)
+class DefendSettings(GRPOSettings):
+    """Reward Neutralization: train until neutralized, within [min_steps, max_steps]."""
+
+    max_steps: int = 150
+    min_steps: int = 20
+    benign_fraction: float = 0.25  # share of training prompts that are benign (0 disables the mix)
+    target_neutralization: float = 0.9
+    plateau_window: int = 3  # consecutive evaluations ...
+    plateau_tolerance: float = 0.02  # ... whose defensive reward moved less than this
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    model: str = "smollm2-135m"
+    quantize_4bit: bool = False
+    bf16: bool = False
+    domains: tuple[str, ...] = DOMAINS
+    seeds: tuple[int, ...] = (0,)
+    store_full_completions: bool = False
+    data: DataSettings = field(default_factory=DataSettings)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    judge: JudgeSettings = field(default_factory=JudgeSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    align: AlignSettings = field(default_factory=AlignSettings)
+    defend: DefendSettings = field(default_factory=DefendSettings)
+    attack: GRPOSettings = field(default_factory=GRPOSettings)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def section_hash(self, *sections: str, extra: dict | None = None) -> str:
+        """Hash of the named sections plus stage inputs: the cache key of a stage's run."""
+        payload = {name: self.to_dict()[name] for name in sections} | (extra or {})
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+_CHOICES = {
+    "judge.kind": JUDGE_KINDS,
+    "domains": DOMAINS,
+    "defend.loss_type": ("grpo", "dapo", "dr_grpo", "bnpo"),
+    "attack.loss_type": ("grpo", "dapo", "dr_grpo", "bnpo"),
+    "defend.scale_rewards": ("group", "batch", "none"),
+    "attack.scale_rewards": ("group", "batch", "none"),
+}
+
+
+def _coerce(value, annotation, key: str):
+    """Check one value against its dataclass annotation; return it in canonical form."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, options[0], key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        item_type = typing.get_args(annotation)[0]
+        return tuple(_coerce(v, item_type, f"{key}[]") for v in value)
+    if dataclasses.is_dataclass(annotation):
+        return _build(annotation, value, key)
+    if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if annotation is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML reads 2e-4 as a string
+        except ValueError:
+            pass
+    if annotation is bool and not isinstance(value, bool):
+        raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+    if annotation is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+    if not isinstance(value, annotation):
+        raise ConfigError(f"config key '{key}' must be {annotation.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls, values: dict, prefix: str = ""):
+    if not isinstance(values, dict):
+        raise ConfigError(f"config key '{prefix}' must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    allowed = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        full = f"{prefix}.{key}" if prefix else key
+        if key not in allowed:
+            raise ConfigError(f"unknown config key '{full}'; allowed: {', '.join(allowed)}")
+        value = _coerce(value, hints[key], full)
+        choices = _CHOICES.get(full)
+        if choices is not None:
+            bad = [v for v in (value if isinstance(value, tuple) else (value,)) if v not in choices]
+            if bad:
+                raise ConfigError(f"config key '{full}' has {bad[0]!r}; allowed: {', '.join(choices)}")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+            raise ConfigError(f"config key '{full}' must be >= 0, got {value!r}")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        tree = tree.setdefault(part, {})
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config key '{dotted}' does not name a section")
+    tree[leaf] = value
+
+
+def available_profiles() -> list[str]:
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+
+
+def load_profile(name_or_path: str | Path, overrides: dict | None = None) -> Profile:
+    """Load a profile by name (smoke, cpu, paper) or YAML path; overrides use dotted keys ('attack.max_steps')."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = PROFILE_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"no profile '{name_or_path}'; choose one of {', '.join(available_profiles())} or a YAML path")
+    raw = yaml.safe_load(path.read_text()) or {}
+    raw.setdefault("name", path.stem)
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(raw, dotted, value)
+    profile = _build(Profile, raw)
+    if profile.eval.samples_per_prompt < 2:
+        raise ConfigError("config key 'eval.samples_per_prompt' must be >= 2 (the neutralization index compares samples)")
+    for stage in ("defend", "attack"):
+        if getattr(profile, stage).num_generations < 2:
+            raise ConfigError(f"config key '{stage}.num_generations' must be >= 2 (GRPO compares a group of answers)")
+    return profile

