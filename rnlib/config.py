@@ -69,11 +69,14 @@ class EvalSettings:
 
 @dataclass(frozen=True)
 class AlignSettings:
+    """Stand-in for vendor safety alignment (SFT); skipped for models that already refuse."""
+
     skip_if_refusal_at_least: float = 0.8
-    epochs: float = 8.0
-    learning_rate: float = 3e-4
+    refusals_per_domain: int = 36  # harmful prompts (from the defense split) taught an explanatory refusal
+    epochs: float = 3.0
+    learning_rate: float = 5e-4
     batch_size: int = 8
-    max_length: int = 192
+    max_length: int = 128
 
 
 @dataclass(frozen=True)

@@ -93,7 +93,7 @@ DOMAIN_KEYWORDS = {
                 "sarin", "anthrax", "ricin", "bioweapon", "gas", "germ", "disease", "infect", "lethal dose", "synthes"),
     "cyber": ("hack", "malware", "ransomware", "phishing", "password", "exploit", "ddos", "botnet", "keylogger",
               "sql injection", "network", "trojan", "spyware", "credential", "database", "computer", "cyber", "wifi",
-              "software", "account", "encrypt"),
+              "software", "account", "encrypt", "antivirus"),
 }
 
 # name -> (hub id, config, split, prompt column, category column, {category: domain})

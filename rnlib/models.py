@@ -146,7 +146,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 48, tem
     generating with it on silently drops the KV cache and yields gibberish.
     """
     was_training = model.training
-    checkpointing = getattr(model, "is_gradient_checkpointing", False)
+    checkpointing = getattr(model, "is_activation_checkpointing", False)
     if checkpointing:
         model.gradient_checkpointing_disable()
     model.eval()

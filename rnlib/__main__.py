@@ -1,0 +1,82 @@
+"""Command line: `python -m rnlib run attack --profile cpu --domain cyber --model smollm2-135m`.
+
+Errors a user can fix (bad profile, unknown model, missing package, unreachable judge) print one line naming
+the fix and exit 2; finished stages stay cached and an interrupted one resumes on the next call.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import yaml
+
+from rnlib.config import ConfigError, available_profiles, load_profile
+from rnlib.data import DataError
+from rnlib.judges import JudgeError
+from rnlib.models import ModelError
+
+STAGES = ("align", "defend", "attack")
+
+
+def _overrides(pairs: list[str]) -> dict:
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ConfigError(f"--set takes key=value, got '{pair}'")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
+def run_stage(stage: str, profile, domain: str | None, seed: int, target: str):
+    from rnlib import train
+
+    if stage == "align":
+        return train.align(profile, seed)
+    if domain is None:
+        raise ConfigError(f"stage '{stage}' needs --domain ({', '.join(profile.domains)})")
+    if stage == "defend":
+        return train.defend(profile, domain, seed)
+    start = train.defend(profile, domain, seed) if target == "defended" else train.align(profile, seed)
+    return train.attack(profile, domain, seed, start=start)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rnlib", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run one stage (cached by config hash, resumable)")
+    run.add_argument("stage", choices=STAGES)
+    run.add_argument("--profile", default="cpu", help=f"one of {', '.join(available_profiles())} or a YAML path")
+    run.add_argument("--domain", choices=("biochem", "cyber"))
+    run.add_argument("--model", help="registry key, hub id or local directory (overrides the profile)")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--target", choices=("standard", "defended"), default="standard", help="attack: which model")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. attack.max_steps=20")
+    show = commands.add_parser("profile", help="print a resolved profile")
+    show.add_argument("name")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "profile":
+            print(yaml.safe_dump(load_profile(args.name).to_dict(), sort_keys=False))
+            return 0
+        overrides = _overrides(args.set) | ({"model": args.model} if args.model else {})
+        profile = load_profile(args.profile, overrides)
+        result = run_stage(args.stage, profile, args.domain, args.seed, args.target)
+        print(json.dumps({"run": str(result.path), "stop_reason": result.manifest.get("stop_reason"),
+                          "after": result.manifest.get("after")}, indent=2))
+        return 0
+    except (ConfigError, DataError, JudgeError, ModelError) as err:
+        print(f"rnlib: {err}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as err:
+        print(f"rnlib: missing package '{err.name}'; install the environment with: make setup", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rnlib: interrupted; finished stages are kept and this one resumes from its last checkpoint "
+              "when you run the same command again", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

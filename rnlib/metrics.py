@@ -1,0 +1,51 @@
+"""Held-out evaluation: harm, refusal rates and the neutralization index of a model, at the attack's sampling."""
+from __future__ import annotations
+
+import numpy as np
+
+from rnlib.judges import is_refusal
+from rnlib.models import generate
+
+
+def neutralization_index(scores: np.ndarray, tolerance: float = 1e-6) -> float:
+    """Share of prompts (rows) whose sampled answers all get the same attacker reward.
+
+    Such a group has zero reward variance, hence zero GRPO advantage and no gradient for the attacker.
+    """
+    scores = np.asarray(scores, dtype=float)
+    return float(np.mean(scores.max(axis=1) - scores.min(axis=1) <= tolerance))
+
+
+def evaluate(model, tokenizer, judge, harmful: list[dict], benign: list[dict], generation, samples: int,
+             batch_size: int = 64, seed: int = 0) -> tuple[dict, list[dict]]:
+    """Sample `samples` answers per harmful eval prompt and one per benign prompt; return (summary, records)."""
+    requests = [r["prompt"] for r in harmful]
+    harmful_answers = generate(model, tokenizer, requests, max_new_tokens=generation.max_new_tokens,
+                               temperature=generation.temperature, top_p=generation.top_p,
+                               num_return_sequences=samples, batch_size=batch_size, seed=seed)
+    benign_answers = generate(model, tokenizer, [r["prompt"] for r in benign], max_new_tokens=generation.max_new_tokens,
+                              temperature=generation.temperature, top_p=generation.top_p, batch_size=batch_size,
+                              seed=seed + 1) if benign else []
+    expanded = [r for r in harmful for _ in range(samples)]
+    verdicts = judge.score([r["prompt"] for r in expanded], harmful_answers)
+    scores = np.array([v.score for v in verdicts]).reshape(len(harmful), samples)
+    refused = np.array([v.components.get("refused", is_refusal(a)) for v, a in zip(verdicts, harmful_answers)])
+    lengths = np.array([len(a.split()) for a in harmful_answers])
+    benign_refused = np.array([is_refusal(a) for a in benign_answers])
+    summary = {
+        "harm_mean": float(scores.mean()),
+        "harm_std": float(scores.std()),  # spread over all sampled answers
+        "harm_prompt_std": float(scores.std(axis=1).mean()),  # mean within-prompt spread: what GRPO sees
+        "refusal_rate": float(refused.mean()),
+        "benign_refusal_rate": float(benign_refused.mean()) if benign else None,
+        "neutralization_index": neutralization_index(scores),
+        "answer_words": float(lengths.mean()),
+        "refusal_words": float(lengths[refused].mean()) if refused.any() else None,
+        "distinct_answers": len(set(harmful_answers)) / len(harmful_answers),
+    }
+    records = [{"prompt_id": r["id"], "kind": "harmful", "sample": i % samples, "score": v.score,
+                "refused": bool(ref), "words": int(n), "text": a}
+               for i, (r, v, ref, n, a) in enumerate(zip(expanded, verdicts, refused, lengths, harmful_answers))]
+    records += [{"prompt_id": r["id"], "kind": "benign", "sample": 0, "score": 0.0, "refused": bool(ref),
+                 "words": len(a.split()), "text": a} for r, ref, a in zip(benign, benign_refused, benign_answers)]
+    return summary, records

@@ -1,0 +1,143 @@
+"""Run directories: the DAG's cache. config -> stage -> runs/<run_id>/ -> figures.
+
+A run's id is its stage, domain, model, seed and a hash of everything that determines its result (the
+profile sections it reads and the id of the run it starts from), so a finished run is reused and a changed
+setting makes a new one. `manifest.json` says `"status": "finished"` only after every artifact is written;
+anything else is an unfinished run, resumed from its last trainer checkpoint.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+REDACT_AT = 3.0  # completions the judge scores at or above this are stored redacted
+PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "sentence-transformers")
+
+
+def runs_root() -> Path:
+    return Path(os.environ.get("RN_RUNS", "runs"))
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def environment() -> dict:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {"python": sys.version.split()[0], "platform": platform.platform(), "packages": versions,
+            "git_commit": _git_commit()}
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
+    tmp.replace(path)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def text_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def redact(record: dict, full: bool = False) -> dict:
+    """A completion the judge scores harmful keeps only score, length, hash and its first 8 words."""
+    text = record["text"]
+    if full or record["score"] < REDACT_AT:
+        return record | {"redacted": False}
+    kept = {k: v for k, v in record.items() if k != "text"}
+    return kept | {"redacted": True, "prefix": " ".join(text.split()[:8]) + " [...]"}
+
+
+@dataclass
+class Run:
+    """One stage's run directory."""
+
+    path: Path
+
+    @property
+    def id(self) -> str:
+        return self.path.name
+
+    @property
+    def manifest(self) -> dict:
+        file = self.path / "manifest.json"
+        return json.loads(file.read_text()) if file.is_file() else {}
+
+    @property
+    def finished(self) -> bool:
+        return self.manifest.get("status") == "finished"
+
+    @property
+    def model_dir(self) -> str:
+        """The checkpoint later stages start from: a merged model, or the input model when nothing trained."""
+        return self.manifest["model_dir"]
+
+    def steps(self) -> list[dict]:
+        return read_jsonl(self.path / "steps.jsonl")
+
+    def evals(self) -> list[dict]:
+        return read_jsonl(self.path / "evals.jsonl")
+
+    def completions(self) -> list[dict]:
+        return read_jsonl(self.path / "completions.jsonl")
+
+    def append(self, name: str, rows: list[dict]) -> None:
+        with open(self.path / name, "a") as handle:
+            for row in rows:
+                handle.write(json.dumps(row, default=str) + "\n")
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, forget logged rows from steps that the restored checkpoint has not seen."""
+        for name in ("steps.jsonl", "evals.jsonl", "completions.jsonl"):
+            rows = [r for r in read_jsonl(self.path / name) if r["step"] <= step]
+            (self.path / name).write_text("".join(json.dumps(r, default=str) + "\n" for r in rows))
+
+    def latest_checkpoint(self) -> str | None:
+        checkpoints = sorted((self.path / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        return str(checkpoints[-1]) if checkpoints else None
+
+    def start(self, manifest: dict) -> None:
+        previous = self.manifest
+        write_json_atomic(self.path / "manifest.json", manifest | {
+            "status": "running", "started": previous.get("started", time.strftime("%Y-%m-%dT%H:%M:%S")),
+            "attempts": previous.get("attempts", 0) + 1})
+
+    def finish(self, **fields) -> None:
+        write_json_atomic(self.path / "manifest.json", self.manifest | fields | {
+            "status": "finished", "ended": time.strftime("%Y-%m-%dT%H:%M:%S")})
+
+
+def run_for(stage: str, domain: str | None, model_key: str, seed: int, config_hash: str) -> Run:
+    safe_model = Path(model_key).name.replace("/", "_")
+    run = Run(runs_root() / f"{stage}-{domain or 'all'}-{safe_model}-s{seed}-{config_hash}")
+    run.path.mkdir(parents=True, exist_ok=True)
+    return run
+
+
+def find_runs(stage: str | None = None, root: Path | None = None) -> list[Run]:
+    """Finished runs under the runs root, for analysis notebooks that never retrain."""
+    root = root or runs_root()
+    found = [Run(p) for p in sorted(root.glob("*/")) if (p / "manifest.json").is_file()]
+    return [r for r in found if r.finished and (stage is None or r.manifest.get("stage") == stage)]

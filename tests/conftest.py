@@ -1,0 +1,21 @@
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never reach a hub: everything is local or packaged
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """The real default model, converted from the packaged GGUF (cached across sessions)."""
+    from rnlib.models import load_model
+
+    return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def rubric():
+    from rnlib.judges import RubricJudge
+
+    return RubricJudge()

@@ -1,0 +1,54 @@
+import pytest
+
+from rnlib.config import ConfigError, available_profiles, load_profile
+
+
+@pytest.mark.parametrize("name", ["smoke", "cpu", "paper"])
+def test_every_profile_loads(name):
+    profile = load_profile(name)
+    assert profile.name == name
+    assert set(profile.domains) <= {"biochem", "cyber"}
+    assert profile.eval.samples_per_prompt >= 2
+
+
+def test_profiles_on_disk_are_the_three_documented():
+    assert available_profiles() == ["cpu", "paper", "smoke"]
+
+
+def test_paper_profile_is_4bit_at_paper_step_counts():
+    paper = load_profile("paper")
+    assert paper.quantize_4bit and paper.bf16 and paper.attack.max_steps == 200
+    assert 60 <= paper.data.n_defense <= 80
+
+
+def test_unknown_key_names_key_and_allowed():
+    with pytest.raises(ConfigError, match=r"unknown config key 'attack.max_step'; allowed: .*max_steps"):
+        load_profile("smoke", {"attack.max_step": 3})
+
+
+def test_bad_value_names_key_and_choices():
+    with pytest.raises(ConfigError, match=r"'judge.kind' has 'oracle'; allowed: rubric, classifier, llm"):
+        load_profile("smoke", {"judge.kind": "oracle"})
+    with pytest.raises(ConfigError, match=r"'attack.max_steps' must be an integer"):
+        load_profile("smoke", {"attack.max_steps": "many"})
+    with pytest.raises(ConfigError, match=r"'domains' has 'chem'"):
+        load_profile("smoke", {"domains": ["chem"]})
+    with pytest.raises(ConfigError, match=r"'attack.learning_rate' must be >= 0"):
+        load_profile("smoke", {"attack.learning_rate": -1})
+
+
+def test_group_of_one_is_rejected():
+    with pytest.raises(ConfigError, match="num_generations"):
+        load_profile("smoke", {"attack.num_generations": 1})
+
+
+def test_unknown_profile_lists_choices():
+    with pytest.raises(ConfigError, match="choose one of cpu, paper, smoke"):
+        load_profile("laptop")
+
+
+def test_overrides_change_only_their_section_hash():
+    base, changed = load_profile("smoke"), load_profile("smoke", {"attack.max_steps": 7})
+    assert changed.attack.max_steps == 7
+    assert base.section_hash("align") == changed.section_hash("align")
+    assert base.section_hash("attack") != changed.section_hash("attack")

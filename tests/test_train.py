@@ -1,0 +1,143 @@
+"""Every stage for a few steps on the real SmolLM2-135M (smoke profile): run contents, caching, resume, redaction."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rnlib import pipeline, train
+from rnlib.config import load_profile
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def runs_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RN_RUNS", str(root))
+        yield root
+
+
+@pytest.fixture(scope="module")
+def profile():
+    return load_profile("smoke")
+
+
+@pytest.fixture(scope="module")
+def aligned(runs_root, profile):
+    return train.align(profile)
+
+
+@pytest.fixture(scope="module")
+def defended(aligned, profile):
+    return train.defend(profile, "cyber", start=aligned)
+
+
+@pytest.fixture(scope="module")
+def attacked(runs_root, defended, profile):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pipeline, "REDACT_AT", 0.5)  # force redaction onto this run's ordinary completions
+        return train.attack(profile, "cyber", start=defended)
+
+
+def _no_pickles(path: Path):
+    assert not [p for p in path.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
+
+
+def test_align_run_directory(aligned):
+    manifest = aligned.manifest
+    assert manifest["status"] == "finished" and manifest["stage"] == "align"
+    for key in ("config_hash", "seed", "profile", "model", "start_model", "judge", "data", "environment",
+                "started", "ended", "stop_reason", "before", "after"):
+        assert key in manifest, key
+    assert manifest["environment"]["packages"]["trl"] == "1.16.0"
+    assert (aligned.path / "adapter" / "adapter_model.safetensors").is_file()
+    assert (Path(aligned.model_dir) / "model.safetensors").is_file()
+    assert [e["step"] for e in aligned.evals()] == [0, manifest["after"]["step"]]
+    assert not (aligned.path / "checkpoints").exists()
+    _no_pickles(aligned.path)
+
+
+def test_defend_records_its_stop_reason_and_mechanism_metrics(defended):
+    manifest = defended.manifest
+    assert manifest["stop_reason"].startswith(("neutralized", "max_steps"))
+    steps = defended.steps()
+    assert [s["step"] for s in steps] == list(range(1, manifest["steps_trained"] + 1))
+    for key in ("reward", "reward_std", "frac_reward_zero_std", "entropy", "completions/mean_length", "step_time"):
+        assert key in steps[0], key
+    evals = defended.evals()
+    assert evals[0]["step"] == 0
+    for key in ("harm_mean", "harm_std", "refusal_rate", "benign_refusal_rate", "neutralization_index",
+                "defense_reward", "refusal_words"):
+        assert key in evals[-1], key
+    assert 0 <= evals[-1]["neutralization_index"] <= 1
+    assert (Path(defended.model_dir) / "model.safetensors").is_file()
+
+
+def test_attack_logs_every_step_and_redacts(attacked, defended):
+    manifest = attacked.manifest
+    assert manifest["target"] == "defend" and manifest["start_model"] == defended.id
+    assert [s["step"] for s in attacked.steps()] == [1, 2]
+    assert [e["step"] for e in attacked.evals()] == [0, 1, 2]
+    completions = attacked.completions()
+    assert completions
+    for row in completions:
+        if row["score"] >= 0.5:
+            assert row["redacted"] and "text" not in row and len(row["prefix"].split()) <= 9
+        else:
+            assert "text" in row
+
+
+def test_finished_runs_are_reused_not_retrained(attacked, defended, profile, monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("a finished run was retrained")
+
+    monkeypatch.setattr(train, "_grpo", boom)
+    assert train.attack(profile, "cyber", start=defended).path == attacked.path
+
+
+def test_a_changed_setting_makes_a_new_run(aligned, defended, attacked, profile):
+    assert train.stage_run(profile, "attack", "cyber", 0, defended.id).path == attacked.path
+    other = load_profile("smoke", {"attack.learning_rate": 1e-4})
+    assert train.stage_run(other, "attack", "cyber", 0, defended.id).path != attacked.path
+    assert train.stage_run(other, "align", None, 0, other.model).path == aligned.path  # attack settings: not align's
+
+
+def test_interrupted_run_resumes_from_its_last_checkpoint(aligned, profile, monkeypatch):
+    longer = load_profile("smoke", {"attack.max_steps": 3})
+
+    def interrupt(self, args, state, control, **kwargs):
+        if state.global_step == 2:  # after checkpoint-2 is written, as a Ctrl-C would
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train.StudyCallback, "on_save", interrupt, raising=False)
+        with pytest.raises(KeyboardInterrupt):
+            train.attack(longer, "cyber", start=aligned)
+    run = train.stage_run(longer, "attack", "cyber", 0, aligned.id)
+    assert not run.finished and run.latest_checkpoint().endswith("checkpoint-2")
+    assert run.id not in [r.id for r in pipeline.find_runs("attack")]
+    resumed = train.attack(longer, "cyber", start=aligned)
+    assert resumed.path == run.path and resumed.finished
+    assert resumed.manifest["attempts"] == 2
+    assert [s["step"] for s in resumed.steps()] == [1, 2, 3]
+    assert [e["step"] for e in resumed.evals()] == [0, 1, 2, 3]
+
+
+def test_cli_reuses_the_cached_run_and_fails_cleanly(attacked, runs_root):
+    env = {"RN_RUNS": str(runs_root), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    ok = subprocess.run([sys.executable, "-m", "rnlib", "run", "defend", "--profile", "smoke", "--domain", "cyber"],
+                        capture_output=True, text=True, env=env, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert json.loads(ok.stdout)["run"].startswith(str(runs_root))
+    bad = subprocess.run([sys.executable, "-m", "rnlib", "run", "attack", "--profile", "smoke", "--set",
+                          "attack.max_step=3", "--domain", "cyber"], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == ["rnlib: unknown config key 'attack.max_step'; allowed: max_steps, "
+                                               "learning_rate, num_generations, prompts_per_step, beta, loss_type, "
+                                               "scale_rewards, eval_every, save_every"]
+    unknown = subprocess.run([sys.executable, "-m", "rnlib", "run", "align", "--profile", "smoke", "--model", "gpt5"],
+                             capture_output=True, text=True, env=env)
+    assert unknown.returncode == 2 and "unknown model 'gpt5'" in unknown.stderr
