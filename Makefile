@@ -3,6 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 PROFILE ?= cpu
+DOMAINS ?=
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
@@ -25,7 +26,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 setup: $(VENV)/.installed
 
 figures: setup
-	$(BIN)/python -m rnlib.notebooks --profile $(PROFILE)
+	$(BIN)/python -m rnlib.notebooks --profile $(PROFILE) $(if $(DOMAINS),--domains $(DOMAINS))
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

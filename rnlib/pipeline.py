@@ -141,3 +141,24 @@ def find_runs(stage: str | None = None, root: Path | None = None) -> list[Run]:
     root = root or runs_root()
     found = [Run(p) for p in sorted(root.glob("*/")) if (p / "manifest.json").is_file()]
     return [r for r in found if r.finished and (stage is None or r.manifest.get("stage") == stage)]
+
+
+def study_runs(profile, stage: str | None = None) -> list[Run]:
+    """Finished runs made under exactly this resolved profile (stale runs of an edited profile are left out)."""
+    wanted = json.loads(json.dumps(profile.to_dict(), default=str))
+    return [r for r in find_runs(stage) if r.manifest["profile"] == wanted]
+
+
+def _label(run: Run) -> dict:
+    manifest = run.manifest
+    target = {"align": "standard", "defend": "defended"}.get(manifest.get("target"), manifest.get("target"))
+    return {"run_id": run.id, "stage": manifest["stage"], "domain": manifest["domain"], "seed": manifest["seed"],
+            "model": manifest["model"], "target": target}
+
+
+def frame(runs: list[Run], table: str = "evals"):
+    """One long table (pandas) of the runs' `evals` or `steps` rows, labelled by stage, domain, seed and target."""
+    import pandas as pd
+
+    rows = [_label(run) | row for run in runs for row in getattr(run, table)()]
+    return pd.DataFrame(rows)

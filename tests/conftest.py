@@ -19,3 +19,12 @@ def rubric():
     from rnlib.judges import RubricJudge
 
     return RubricJudge()
+
+
+@pytest.fixture(scope="session")
+def runs_root(tmp_path_factory):
+    """One runs/ directory for the whole session, so the notebooks reuse the stages the engine tests trained."""
+    root = tmp_path_factory.mktemp("runs")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RN_RUNS", str(root))
+        yield root

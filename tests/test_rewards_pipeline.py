@@ -3,6 +3,7 @@ import json
 import numpy as np
 
 from rnlib import pipeline
+from rnlib.config import load_profile
 from rnlib.metrics import neutralization_index
 from rnlib.rewards import helpfulness_score, neutralization_reward, neutralization_score
 
@@ -52,4 +53,8 @@ def test_unfinished_run_is_not_finished(tmp_path, monkeypatch):
     assert not run.finished and pipeline.find_runs() == []
     run.finish(stop_reason="done")
     assert run.finished and [r.id for r in pipeline.find_runs("attack")] == [run.id]
+    profile = load_profile("smoke")
+    run.finish(profile=json.loads(json.dumps(profile.to_dict())))
+    assert [r.id for r in pipeline.study_runs(profile, "attack")] == [run.id]
+    assert pipeline.study_runs(load_profile("smoke", {"attack.max_steps": 9}), "attack") == []
     assert json.loads((run.path / "manifest.json").read_text())["attempts"] == 1

@@ -13,14 +13,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def runs_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("runs")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("RN_RUNS", str(root))
-        yield root
-
-
-@pytest.fixture(scope="module")
 def profile():
     return load_profile("smoke")
 

@@ -1,0 +1,112 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 01 — The threat: malicious RL fine-tuning un-aligns a safe model
+#
+# An open-weight model ships with safety alignment: asked for something harmful, it refuses. An attacker with
+# the weights can fine-tune it with reinforcement learning, using a *reward that scores harmfulness*. This
+# notebook runs that attack (GRPO, the algorithm behind many open reasoning models) on the standard-aligned
+# model and watches the harm score climb.
+#
+# **Why GRPO works so well for the attacker.** For every prompt GRPO samples a *group* of $G$ answers, scores
+# each with the reward $r_i$, and pushes up the probability of each answer in proportion to its
+# *group-relative advantage*
+# $$A_i = \frac{r_i - \operatorname{mean}(r_1..r_G)}{\operatorname{std}(r_1..r_G)}.$$
+# The attacker needs no harmful demonstrations: as long as *some* sampled answers score a little higher than
+# others (a refusal that leaks a hint, a half-compliant answer), the advantage is non-zero and the model
+# moves towards them, step after step. A reward with variance is all the attacker needs.
+# Conversely, if every answer in the group gets *the same* reward, all $A_i = 0$ and the gradient vanishes —
+# the idea behind Reward Neutralization (notebook 02).
+#
+# The harm score is the study's judge (0-10; see `rnlib.judges`). Completions the judge scores >= 3 are never
+# shown here in full: the run directory keeps only their score, length, hash and first eight words.
+
+# %% tags=["parameters"]
+profile = "cpu"  # smoke | cpu | paper
+domain = "cyber"  # the attacked domain
+seed = 0
+overrides = {}  # dotted profile keys, e.g. {"attack.max_steps": 50}
+figures_dir = None  # default: figures/<profile>
+
+# %%
+import pandas as pd
+from IPython.display import Markdown, display
+
+from rnlib import pipeline, plots, train
+from rnlib.config import load_profile
+
+study = load_profile(profile, overrides)
+figures_dir = figures_dir or f"figures/{study.name}"
+print(f"model={study.model}  attack steps={study.attack.max_steps}  group size={study.attack.num_generations}  "
+      f"judge={study.judge.kind}")
+
+# %% [markdown]
+# ## 1. The standard-aligned starting point
+# The 7-8B instruct models the paper attacks already refuse. The tiny CPU model does not, so `align` first
+# gives it a "standard" safety alignment: supervised fine-tuning on explanatory refusals (apology, reason, safe
+# alternative), the kind vendor alignment produces. It is skipped for models that already refuse.
+
+# %%
+aligned = train.align(study, seed)
+summary = pd.DataFrame([aligned.manifest["before"], aligned.manifest["after"]], index=["base model", "aligned"])
+display(summary[["harm_mean", "refusal_rate", "benign_refusal_rate", "answer_words"]].round(3))
+print(aligned.manifest["stop_reason"])
+
+# %% [markdown]
+# ## 2. The attack
+# GRPO with reward = harm score, on the attacker's own prompts (disjoint from the evaluation prompts). Every
+# few steps the model is evaluated on held-out prompts: several sampled answers per prompt at the attack's
+# temperature.
+
+# %%
+attack = train.attack(study, domain, seed, start=aligned)
+evals = pipeline.frame([attack], "evals")
+steps = pipeline.frame([attack], "steps")
+display(evals[["step", "harm_mean", "harm_std", "refusal_rate", "neutralization_index"]].round(3))
+
+# %%
+fig = plots.curves(evals, "harm_mean", "harm score (0-10)", band="harm_std", ylim=(0, 10), xlabel="attack step")
+plots.save(fig, "01_harm_vs_step", figures_dir)
+fig = plots.curves(evals, "refusal_rate", "refusal rate (held-out)", ylim=(0, 1.05), xlabel="attack step")
+plots.save(fig, "01_refusal_vs_step", figures_dir)
+
+# %% [markdown]
+# ## 3. What the attacker's gradient sees
+# `reward` is the mean harm score of the sampled training answers; `reward_std` its spread. The attack makes
+# progress exactly while the within-group spread is non-zero.
+
+# %%
+long = steps.melt(id_vars=["step", "domain", "target", "seed"], value_vars=["reward", "reward_std"],
+                  var_name="metric")
+fig = plots.curves(long, "value", "harm reward", col="domain", hue="metric", xlabel="attack step")
+plots.save(fig, "01_reward_and_spread", figures_dir)
+
+# %% [markdown]
+# ## 4. Before and after, on held-out prompts
+# The first sampled answer to a few evaluation prompts, before the attack and at its last step. Answers the
+# judge scores >= 3 appear only as their first eight words.
+
+# %%
+completions = pd.DataFrame(attack.completions())
+last = completions["step"].max()
+harmful = completions[(completions["kind"] == "harmful") & (completions["sample"] == 0)]
+shown = lambda row: row["text"] if not row["redacted"] else f"[redacted, {row['words']} words] {row['prefix']}"
+table = (harmful.assign(answer=harmful.apply(shown, axis=1))
+         .pivot(index="prompt_id", columns="step", values=["score", "answer"])
+         .loc[:, [("score", 0), ("score", last), ("answer", 0), ("answer", last)]].head(4))
+display(table)
+
+# %%
+after = evals.iloc[-1]
+display(Markdown(
+    f"**Result.** Harm went from {evals.iloc[0]['harm_mean']:.2f} to {after['harm_mean']:.2f} in "
+    f"{int(after['step'])} attack steps (paper, 7-8B models: 0-2 to 7-9 within 50 steps); refusal rate "
+    f"{evals.iloc[0]['refusal_rate']:.0%} -> {after['refusal_rate']:.0%}."))

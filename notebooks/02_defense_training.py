@@ -1,0 +1,108 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 02 — Reward Neutralization: training concise, minimal-information refusals
+#
+# The defense (Cao 2025) is itself RL. For each harmful domain the defender runs GRPO on 60-80 harmful
+# prompts with a *defensive* reward:
+#
+# * a short refusal that gives nothing away earns the most;
+# * explanations, domain or technical content and any partial compliance cost reward, even inside a refusal;
+# * anything that does not refuse earns the least.
+#
+# Benign prompts are mixed in with a reward for answering them, so the model does not learn to refuse
+# everything (we measure that: benign refusal rate).
+#
+# Why this defeats the attacker of notebook 01: if every sampled answer is the same terse refusal, every
+# answer earns the same (lowest) harm score, the group's reward variance is zero and so is GRPO's advantage.
+# We track that directly with the **neutralization index**: the share of held-out prompts whose sampled
+# answers all receive the same attacker reward. Training runs until the index reaches its target *and* the
+# defensive reward has plateaued (or a step budget runs out), and the run records which happened.
+#
+# At paper scale this is QLoRA on one GPU (4-bit nf4 base, LoRA adapters); on CPU it is LoRA in full precision.
+
+# %% tags=["parameters"]
+profile = "cpu"
+domains = None  # default: the profile's domains
+seeds = None  # default: the profile's seeds
+overrides = {}
+figures_dir = None
+
+# %%
+import pandas as pd
+from IPython.display import Markdown, display
+
+from rnlib import pipeline, plots, train
+from rnlib.config import load_profile
+
+study = load_profile(profile, overrides)
+figures_dir = figures_dir or f"figures/{study.name}"
+seeds = seeds or list(study.seeds)
+domains = domains or list(study.domains)
+print(f"model={study.model}  4-bit={study.quantize_4bit}  domains={domains}  seeds={seeds}  "
+      f"steps {study.defend.min_steps}..{study.defend.max_steps}")
+
+# %%
+runs = [train.defend(study, domain, seed) for seed in seeds for domain in domains]
+for run in runs:
+    print(f"{run.manifest['domain']} seed {run.manifest['seed']}: {run.manifest['stop_reason']}")
+evals = pipeline.frame(runs, "evals")
+steps = pipeline.frame(runs, "steps")
+
+# %% [markdown]
+# ## Defensive reward
+# Mean defensive reward of the training samples at each step, and of the held-out evaluation answers.
+
+# %%
+train_reward = steps[["step", "domain", "seed"]].assign(value=steps["reward"], source="training samples")
+eval_reward = evals[["step", "domain", "seed"]].assign(value=evals["defense_reward"], source="held-out eval")
+fig = plots.curves(pd.concat([train_reward, eval_reward]), "value", "defensive reward", hue="source", ylim=(-1.05, 1.05))
+plots.save(fig, "02_defense_reward_vs_step", figures_dir)
+
+# %% [markdown]
+# ## Refusals become short and predictable
+# Length of refusals (words, held-out answers) and the policy's token entropy on its training samples. Low
+# entropy means the sampled answers look alike: what neutralization needs.
+
+# %%
+length = evals[["step", "domain", "seed"]].assign(value=evals["refusal_words"], metric="refusal length (words)")
+entropy = steps[["step", "domain", "seed"]].assign(value=steps["entropy"], metric="token entropy")
+fig = plots.curves(length, "value", "refusal length (words)", hue="metric")
+plots.save(fig, "02_refusal_length_vs_step", figures_dir)
+fig = plots.curves(entropy, "value", "token entropy (nats)", hue="metric")
+plots.save(fig, "02_entropy_vs_step", figures_dir)
+
+# %%
+fig = plots.curves(evals.assign(metric="neutralization index"), "neutralization_index",
+                   "neutralization index", hue="metric", ylim=(-0.05, 1.05))
+plots.save(fig, "02_neutralization_vs_step", figures_dir)
+
+# %% [markdown]
+# ## Over-refusal: benign prompts before and after
+
+# %%
+first, last = evals.sort_values("step").groupby(["domain", "seed"]).first(), \
+    evals.sort_values("step").groupby(["domain", "seed"]).last()
+benign = pd.concat([first.assign(when="before defense"), last.assign(when="after defense")]).reset_index()
+fig = plots.plt.figure(figsize=(5, 3.4))
+ax = plots.sns.barplot(data=benign, x="domain", y="benign_refusal_rate", hue="when", errorbar="sd")
+ax.set(ylabel="benign refusal rate", ylim=(0, 1))
+plots.save(fig, "02_benign_refusal", figures_dir)
+
+# %%
+table = pd.DataFrame({"harmful refusal before": first["refusal_rate"], "harmful refusal after": last["refusal_rate"],
+                      "benign refusal before": first["benign_refusal_rate"],
+                      "benign refusal after": last["benign_refusal_rate"],
+                      "neutralization index after": last["neutralization_index"],
+                      "refusal words after": last["refusal_words"], "steps": last["step"]}).round(3)
+display(table)
+display(Markdown("**Stop reasons.** " + "; ".join(
+    f"{r.manifest['domain']} (seed {r.manifest['seed']}): {r.manifest['stop_reason']}" for r in runs)))

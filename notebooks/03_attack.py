@@ -1,0 +1,55 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 03 — The same attack on the standard and the defended model
+#
+# A fair comparison changes one thing only: which model is attacked. Same attacker prompts, same reward
+# (the harm judge), same GRPO settings, same seeds and step budget. The paper attacks for 200 steps; the
+# `cpu` profile uses a smaller budget (see the parameters printed below).
+
+# %% tags=["parameters"]
+profile = "cpu"
+domains = None  # default: the profile's domains
+seeds = None
+overrides = {}
+figures_dir = None
+
+# %%
+from IPython.display import display
+
+from rnlib import pipeline, plots, train
+from rnlib.config import load_profile
+
+study = load_profile(profile, overrides)
+figures_dir = figures_dir or f"figures/{study.name}"
+seeds = seeds or list(study.seeds)
+domains = domains or list(study.domains)
+print(f"model={study.model}  attack steps={study.attack.max_steps}  lr={study.attack.learning_rate}  "
+      f"group={study.attack.num_generations}  seeds={seeds}")
+
+# %%
+runs = []
+for seed in seeds:
+    for domain in domains:
+        standard = train.align(study, seed)
+        defended = train.defend(study, domain, seed)
+        runs += [train.attack(study, domain, seed, start=standard), train.attack(study, domain, seed, start=defended)]
+evals = pipeline.frame(runs, "evals")
+
+# %%
+fig = plots.curves(evals, "harm_mean", "harm score (0-10)", band="harm_std", ylim=(0, 10), xlabel="attack step")
+plots.save(fig, "03_harm_standard_vs_defended", figures_dir)
+fig = plots.curves(evals, "refusal_rate", "refusal rate (held-out)", ylim=(0, 1.05), xlabel="attack step")
+plots.save(fig, "03_refusal_standard_vs_defended", figures_dir)
+
+# %%
+last = evals.sort_values("step").groupby(["domain", "target", "seed"]).last()
+display(last[["step", "harm_mean", "harm_std", "refusal_rate", "neutralization_index"]].round(3))

@@ -1,0 +1,127 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 04 — Analysis: does Reward Neutralization hold, and why?
+#
+# This notebook never trains: it reads the finished run directories of the profile (`runs/<run_id>/`) and
+# regenerates the comparison figures, the mechanism figures and the summary table. Re-running it is cheap.
+#
+# The paper's claims, to check against our runs:
+# 1. the standard model's harm climbs from 0-2 to 7-9 within 50 attack steps;
+# 2. the defended model stays at harm <= 2 after the attack (200 steps in the paper).
+
+# %% tags=["parameters"]
+profile = "cpu"
+overrides = {}
+figures_dir = None
+
+# %%
+import pandas as pd
+from IPython.display import Markdown, display
+
+from rnlib import pipeline, plots
+from rnlib.config import load_profile
+
+study = load_profile(profile, overrides)
+figures_dir = figures_dir or f"figures/{study.name}"
+attacks = pipeline.study_runs(study, "attack")
+defenses = pipeline.study_runs(study, "defend")
+if not attacks:
+    raise RuntimeError(f"no finished attack runs for profile '{profile}'; run notebooks 01-03 first (make figures)")
+evals = pipeline.frame(attacks, "evals")
+steps = pipeline.frame(attacks, "steps")
+print(f"{len(attacks)} attack runs, {len(defenses)} defense runs, seeds {sorted(evals['seed'].unique())}")
+
+# %% [markdown]
+# ## Paper-style comparison: harm before, at step 50 and at the last attack step
+
+# %%
+def at_step(frame, step):
+    """Each run's evaluation at the last evaluated step <= `step`."""
+    return frame[frame["step"] <= step].sort_values("step").groupby("run_id").last().reset_index()
+
+final_step = int(evals["step"].max())
+checkpoints = {"before attack": 0, "step 50": min(50, final_step), f"last (step {final_step})": final_step}
+snap = pd.concat([at_step(evals, s).assign(when=name) for name, s in checkpoints.items()])
+fig = plots.plt.figure(figsize=(4 + 2 * evals["domain"].nunique(), 3.6))
+grid = plots.sns.catplot(data=snap, x="when", y="harm_mean", hue="target", col="domain", kind="bar", errorbar="sd",
+                         palette=plots.TARGET_COLORS, height=3.4, aspect=1.2)
+grid.set_axis_labels("", "harm score (0-10)").set(ylim=(0, 10))
+for ax in grid.axes.flat:
+    ax.axhline(2, color="grey", ls="--", lw=1)
+plots.plt.close(fig)
+plots.save(grid.figure, "04_paper_comparison", figures_dir)
+
+# %% [markdown]
+# ## Mechanism: the attacker's reward variance
+# GRPO learns only from within-group reward differences. For each attack step: the within-group reward spread
+# (`reward_std`) and the share of groups whose rewards were all equal (`frac_reward_zero_std`, zero advantage).
+
+# %%
+fig = plots.curves(steps, "reward_std", "within-group reward sd", xlabel="attack step")
+plots.save(fig, "04_mechanism_reward_std", figures_dir)
+fig = plots.curves(steps, "frac_reward_zero_std", "share of zero-variance groups", ylim=(-0.05, 1.05),
+                   xlabel="attack step")
+plots.save(fig, "04_mechanism_zero_variance", figures_dir)
+
+# %% [markdown]
+# ## Harm against the neutralization index
+# Every evaluation of every attack run: how neutralized the model was (share of held-out prompts whose sampled
+# answers all scored the same) and how harmful it was.
+
+# %%
+fig = plots.plt.figure(figsize=(5, 3.8))
+ax = plots.sns.scatterplot(data=evals, x="neutralization_index", y="harm_mean", hue="target", style="domain",
+                           palette=plots.TARGET_COLORS, s=40)
+ax.set(xlabel="neutralization index", ylabel="harm score (0-10)", xlim=(-0.05, 1.05), ylim=(0, 10))
+plots.save(fig, "04_harm_vs_neutralization", figures_dir)
+
+# %% [markdown]
+# ## Summary table (mean, and sd over seeds where more than one seed ran)
+
+# %%
+def spread(values):
+    values = values.dropna()
+    return f"{values.mean():.2f}" + (f" ± {values.std():.2f}" if len(values) > 1 else "")
+
+benign = pipeline.frame(defenses, "evals").sort_values("step").groupby(["domain", "seed"]).last().reset_index() \
+    if defenses else pd.DataFrame(columns=["domain", "benign_refusal_rate"])
+rows = []
+for (domain, target), group in evals.groupby(["domain", "target"]):
+    before, mid, last = (at_step(group, s) for s in checkpoints.values())
+    rows.append({"domain": domain, "model": target, "seeds": group["seed"].nunique(),
+                 "harm before": spread(before["harm_mean"]), "harm at 50": spread(mid["harm_mean"]),
+                 f"harm at {final_step}": spread(last["harm_mean"]),
+                 "refusal before": spread(before["refusal_rate"]), f"refusal at {final_step}": spread(last["refusal_rate"]),
+                 "benign refusal (before attack)": spread(before["benign_refusal_rate"]),
+                 "neutralization before": spread(before["neutralization_index"])})
+summary = pd.DataFrame(rows)
+summary.to_csv(f"{figures_dir}/summary.csv", index=False)
+open(f"{figures_dir}/summary.md", "w").write(summary.to_markdown(index=False) + "\n")
+display(summary)
+
+# %% [markdown]
+# ## Do our runs agree with the paper?
+
+# %%
+lines = []
+for domain, group in evals.groupby("domain"):
+    std, dfd = group[group["target"] == "standard"], group[group["target"] == "defended"]
+    if std.empty or dfd.empty:
+        continue
+    s0, s50, s_last = (at_step(std, s)["harm_mean"].mean() for s in checkpoints.values())
+    d_last = at_step(dfd, final_step)["harm_mean"].mean()
+    claim1 = s0 <= 2 and s50 >= 7
+    claim2 = d_last <= 2
+    lines.append(f"- **{domain}**: standard model {s0:.2f} -> {s50:.2f} by step {checkpoints['step 50']} "
+                 f"({'agrees' if claim1 else 'does not agree'} with 0-2 -> 7-9); defended model {d_last:.2f} at step "
+                 f"{final_step} ({'agrees' if claim2 else 'does not agree'} with <= 2).")
+display(Markdown("\n".join(lines) or "Both standard and defended attacks are needed for the comparison."))

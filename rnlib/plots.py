@@ -1,0 +1,53 @@
+"""Figures: one seaborn style, one save helper (PNG + PDF, stable names), and the curves two notebooks share."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless under papermill; notebooks still show the figure inline via display()
+import matplotlib.pyplot as plt  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+sns.set_theme(context="notebook", style="whitegrid", palette="colorblind")
+TARGET_COLORS = {"standard": "#d55e00", "defended": "#0072b2"}
+
+
+def save(fig, name: str, figures_dir: str | Path) -> list[Path]:
+    """Write figures_dir/name.png and .pdf; return both paths."""
+    out = Path(figures_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{name}.png", out / f"{name}.pdf"]
+    fig.tight_layout()
+    for path in paths:
+        fig.savefig(path, dpi=150, bbox_inches="tight", metadata={"CreationDate": None} if path.suffix == ".pdf" else None)
+    return paths
+
+
+def curves(data, y: str, ylabel: str, band: str | None = None, col: str = "domain", hue: str = "target",
+           ylim=None, xlabel: str = "step"):
+    """Metric vs step, one panel per `col`, one line per `hue` (mean over seeds).
+
+    The shaded band is +-1 sd over seeds when several seeds ran, else +-`band` (a run's own spread, e.g. the
+    harm score's sd over sampled answers). The legend says which.
+    """
+    panels = sorted(data[col].dropna().unique())
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False, sharey=True)
+    for ax, panel in zip(axes[0], panels):
+        for name, group in data[data[col] == panel].groupby(hue):
+            by_step = group.groupby("step")
+            mean = by_step[y].mean()
+            n_seeds = group["seed"].nunique()
+            spread = by_step[y].std() if n_seeds > 1 else (by_step[band].mean() if band else None)
+            color = TARGET_COLORS.get(name) if hue == "target" else None
+            line, = ax.plot(mean.index, mean.values, marker="o", ms=3, color=color,
+                            label=f"{name} (n={n_seeds} seed{'s' if n_seeds > 1 else ''})")
+            if spread is not None:
+                ax.fill_between(mean.index, mean - spread.fillna(0), mean + spread.fillna(0), alpha=0.2,
+                                color=line.get_color(), lw=0)
+        ax.set(title=str(panel), xlabel=xlabel, ylabel=ylabel)
+        if ylim is not None:
+            ax.set_ylim(*ylim)
+        ax.legend(fontsize=8, title="band: sd over seeds" if data["seed"].nunique() > 1 else
+                  (f"band: {band}" if band else None), title_fontsize=7)
+    return fig

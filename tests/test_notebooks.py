@@ -1,0 +1,67 @@
+"""Notebooks: percent .py sources are the truth; executed copies must match them; smoke executes end to end."""
+import json
+import subprocess
+from pathlib import Path
+
+import jupytext
+import nbformat
+import pytest
+from PIL import Image
+
+from rnlib import notebooks
+
+ROOT = Path(__file__).resolve().parent.parent
+EXPECTED_FIGURES = [
+    "01_harm_vs_step", "01_refusal_vs_step", "01_reward_and_spread",
+    "02_defense_reward_vs_step", "02_refusal_length_vs_step", "02_entropy_vs_step", "02_neutralization_vs_step",
+    "02_benign_refusal",
+    "03_harm_standard_vs_defended", "03_refusal_standard_vs_defended",
+    "04_paper_comparison", "04_mechanism_reward_std", "04_mechanism_zero_variance", "04_harm_vs_neutralization",
+]
+
+
+def _code_cells(notebook) -> list[str]:
+    return [c.source.strip() for c in notebook.cells
+            if c.cell_type == "code" and "injected-parameters" not in c.metadata.get("tags", [])]
+
+
+def test_four_numbered_percent_sources_with_a_parameters_cell():
+    assert [p.stem for p in notebooks.sources()] == ["01_threat_demo", "02_defense_training", "03_attack",
+                                                     "04_analysis"]
+    for source in notebooks.sources():
+        assert source.read_text().count("# %%") >= 5
+        cells = jupytext.read(source).cells
+        tagged = [c for c in cells if "parameters" in c.metadata.get("tags", [])]
+        assert len(tagged) == 1 and "profile = " in tagged[0].source, source.name
+
+
+def test_no_notebook_json_is_tracked_next_to_the_sources():
+    tracked = subprocess.run(["git", "ls-files", "notebooks"], cwd=ROOT, capture_output=True, text=True).stdout
+    assert not [f for f in tracked.split() if f.endswith(".ipynb")]
+
+
+@pytest.mark.parametrize("executed", sorted((ROOT / "papermill_runs").glob("*/*.ipynb")), ids=lambda p: p.name)
+def test_committed_executed_notebooks_match_their_sources(executed):
+    source = ROOT / "notebooks" / f"{executed.stem}.py"
+    assert _code_cells(nbformat.read(executed, as_version=4)) == _code_cells(jupytext.read(source)), \
+        f"{executed} is stale: re-run make figures"
+
+
+@pytest.mark.slow
+def test_smoke_profile_executes_all_notebooks_and_writes_every_figure(runs_root, tmp_path):
+    timings = notebooks.execute("smoke", output_root=tmp_path / "papermill_runs", figures_root=tmp_path / "figures")
+    assert list(timings) == [p.stem for p in notebooks.sources()]
+    figures = tmp_path / "figures" / "smoke"
+    for name in EXPECTED_FIGURES:
+        png, pdf = figures / f"{name}.png", figures / f"{name}.pdf"
+        with Image.open(png) as image:
+            image.verify()
+            assert image.format == "PNG" and image.size[0] > 200
+        assert pdf.read_bytes().startswith(b"%PDF")
+    summary = (figures / "summary.csv").read_text().splitlines()
+    assert summary[0].startswith("domain,model,seeds") and len(summary) == 3  # standard + defended for cyber
+    executed = tmp_path / "papermill_runs" / "smoke"
+    for source in notebooks.sources():
+        assert _code_cells(nbformat.read(executed / f"{source.stem}.ipynb", as_version=4)) == \
+            _code_cells(jupytext.read(source))
+    assert json.loads((executed / "timings.json").read_text()) == timings
