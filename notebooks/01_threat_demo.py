@@ -41,10 +41,9 @@ import pandas as pd
 from IPython.display import Markdown, display
 
 from rnlib import pipeline, plots, train
-from rnlib.config import load_profile
+from rnlib.config import notebook_setup
 
-study = load_profile(profile, overrides)
-figures_dir = figures_dir or f"figures/{study.name}"
+study, figures_dir, _, _ = notebook_setup(profile, overrides, figures_dir)
 print(f"model={study.model}  attack steps={study.attack.max_steps}  group size={study.attack.num_generations}  "
       f"judge={study.judge.kind}")
 

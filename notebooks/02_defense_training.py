@@ -41,12 +41,9 @@ import pandas as pd
 from IPython.display import Markdown, display
 
 from rnlib import pipeline, plots, train
-from rnlib.config import load_profile
+from rnlib.config import notebook_setup
 
-study = load_profile(profile, overrides)
-figures_dir = figures_dir or f"figures/{study.name}"
-seeds = seeds or list(study.seeds)
-domains = domains or list(study.domains)
+study, figures_dir, seeds, domains = notebook_setup(profile, overrides, figures_dir, seeds, domains)
 print(f"model={study.model}  4-bit={study.quantize_4bit}  domains={domains}  seeds={seeds}  "
       f"steps {study.defend.min_steps}..{study.defend.max_steps}")
 

@@ -26,12 +26,9 @@ figures_dir = None
 from IPython.display import display
 
 from rnlib import pipeline, plots, train
-from rnlib.config import load_profile
+from rnlib.config import notebook_setup
 
-study = load_profile(profile, overrides)
-figures_dir = figures_dir or f"figures/{study.name}"
-seeds = seeds or list(study.seeds)
-domains = domains or list(study.domains)
+study, figures_dir, seeds, domains = notebook_setup(profile, overrides, figures_dir, seeds, domains)
 print(f"model={study.model}  attack steps={study.attack.max_steps}  lr={study.attack.learning_rate}  "
       f"group={study.attack.num_generations}  seeds={seeds}")
 

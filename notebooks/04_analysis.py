@@ -28,10 +28,9 @@ import pandas as pd
 from IPython.display import Markdown, display
 
 from rnlib import pipeline, plots
-from rnlib.config import load_profile
+from rnlib.config import notebook_setup
 
-study = load_profile(profile, overrides)
-figures_dir = figures_dir or f"figures/{study.name}"
+study, figures_dir, _, _ = notebook_setup(profile, overrides, figures_dir)
 attacks = pipeline.study_runs(study, "attack")
 defenses = pipeline.study_runs(study, "defend")
 if not attacks:

@@ -103,7 +103,7 @@ class DefendSettings(GRPOSettings):
     benign_fraction: float = 0.25  # share of training prompts that are benign (0 disables the mix)
     target_neutralization: float = 0.9
     plateau_window: int = 3  # consecutive evaluations ...
-    plateau_tolerance: float = 0.02  # ... whose defensive reward moved less than this
+    plateau_tolerance: float = 0.05  # ... whose held-out defensive reward moved less than this
 
 
 @dataclass(frozen=True)
@@ -227,3 +227,10 @@ def load_profile(name_or_path: str | Path, overrides: dict | None = None) -> Pro
         if getattr(profile, stage).num_generations < 2:
             raise ConfigError(f"config key '{stage}.num_generations' must be >= 2 (GRPO compares a group of answers)")
     return profile
+
+
+def notebook_setup(profile: str, overrides: dict | None = None, figures_dir: str | None = None,
+                   seeds: list[int] | None = None, domains: list[str] | None = None):
+    """Resolve a notebook's parameters cell: (profile, figures folder, seeds, domains), defaults from the profile."""
+    study = load_profile(profile, overrides)
+    return study, figures_dir or f"figures/{study.name}", list(seeds or study.seeds), list(domains or study.domains)

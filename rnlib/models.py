@@ -150,20 +150,22 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 48, tem
     if checkpointing:
         model.gradient_checkpointing_disable()
     model.eval()
-    if seed is not None:
-        torch.manual_seed(seed)
     expanded = [p for p in prompts for _ in range(num_return_sequences)]
     answers: list[str] = []
     device = next(model.parameters()).device
     sampling = temperature > 0
-    for start in range(0, len(expanded), batch_size):
-        chunk = [chat_messages(p) for p in expanded[start:start + batch_size]]
-        enc = tokenizer.apply_chat_template(chunk, add_generation_prompt=True, return_tensors="pt",
-                                            padding=True, return_dict=True).to(device)
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=sampling,
-                             temperature=temperature if sampling else None, top_p=top_p if sampling else None,
-                             top_k=0 if sampling else None, use_cache=True, pad_token_id=tokenizer.pad_token_id)
-        answers += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    # A seeded call draws from its own RNG stream, so evaluating mid-training leaves training's sampling alone.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        for start in range(0, len(expanded), batch_size):
+            chunk = [chat_messages(p) for p in expanded[start:start + batch_size]]
+            enc = tokenizer.apply_chat_template(chunk, add_generation_prompt=True, return_tensors="pt",
+                                                padding=True, return_dict=True).to(device)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=sampling,
+                                 temperature=temperature if sampling else None, top_p=top_p if sampling else None,
+                                 top_k=0 if sampling else None, use_cache=True, pad_token_id=tokenizer.pad_token_id)
+            answers += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     if checkpointing:
         model.gradient_checkpointing_enable()
     model.train(was_training)

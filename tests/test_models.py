@@ -42,6 +42,9 @@ def test_sampling_returns_n_answers_per_prompt_and_is_seeded(smollm):
     again = models.generate(model, tokenizer, ["Name a colour.", "Name a fruit."], max_new_tokens=8,
                             num_return_sequences=3, seed=1)
     assert len(first) == 6 and first == again
+    state = torch.random.get_rng_state()
+    models.generate(model, tokenizer, ["Name a colour."], max_new_tokens=4, seed=2)
+    assert torch.equal(torch.random.get_rng_state(), state)  # evaluation leaves training's RNG stream alone
 
 
 def test_generate_restores_training_state_and_checkpointing(smollm):
