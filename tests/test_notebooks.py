@@ -36,11 +36,15 @@ def test_four_numbered_percent_sources_with_a_parameters_cell():
 
 
 def test_no_notebook_json_is_tracked_next_to_the_sources():
-    tracked = subprocess.run(["git", "ls-files", "notebooks"], cwd=ROOT, capture_output=True, text=True).stdout
-    assert not [f for f in tracked.split() if f.endswith(".ipynb")]
+    assert not [f for f in _tracked("notebooks") if f.suffix == ".ipynb"]
 
 
-@pytest.mark.parametrize("executed", sorted((ROOT / "papermill_runs").glob("*/*.ipynb")), ids=lambda p: p.name)
+def _tracked(pattern: str) -> list[Path]:
+    listed = subprocess.run(["git", "ls-files", pattern], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    return [ROOT / f for f in listed]
+
+
+@pytest.mark.parametrize("executed", _tracked("papermill_runs/*.ipynb"), ids=lambda p: p.name)
 def test_committed_executed_notebooks_match_their_sources(executed):
     source = ROOT / "notebooks" / f"{executed.stem}.py"
     assert _code_cells(nbformat.read(executed, as_version=4)) == _code_cells(jupytext.read(source)), \
