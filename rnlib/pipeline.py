@@ -110,7 +110,7 @@ class Run:
 
     def truncate_after(self, step: int) -> None:
         """On resume, forget logged rows from steps that the restored checkpoint has not seen."""
-        for name in ("steps.jsonl", "evals.jsonl", "completions.jsonl"):
+        for name in ("steps.jsonl", "evals.jsonl", "completions.jsonl", "stop.jsonl"):
             rows = [r for r in read_jsonl(self.path / name) if r["step"] <= step]
             (self.path / name).write_text("".join(json.dumps(r, default=str) + "\n" for r in rows))
 
@@ -143,10 +143,24 @@ def find_runs(stage: str | None = None, root: Path | None = None) -> list[Run]:
     return [r for r in found if r.finished and (stage is None or r.manifest.get("stage") == stage)]
 
 
+def config_hash(profile, stage: str, domain: str | None, seed: int, start: str) -> str:
+    """Hash of the profile sections a stage reads plus its inputs (`start`: the run it starts from)."""
+    top = {"model": profile.model, "quantize_4bit": profile.quantize_4bit, "bf16": profile.bf16}
+    sections = ("align", "domains") if stage == "align" else (stage,)
+    return profile.section_hash(*sections, "data", "lora", "generation", "eval", "judge",
+                                extra=top | {"stage": stage, "domain": domain, "seed": seed, "start": start})
+
+
 def study_runs(profile, stage: str | None = None) -> list[Run]:
-    """Finished runs made under exactly this resolved profile (stale runs of an edited profile are left out)."""
-    wanted = json.loads(json.dumps(profile.to_dict(), default=str))
-    return [r for r in find_runs(stage) if r.manifest["profile"] == wanted]
+    """Finished runs this profile would reuse as they are (runs left stale by an edited setting are left out)."""
+
+    def current(run: Run) -> bool:
+        manifest = run.manifest
+        start = profile.model if manifest["stage"] == "align" else manifest["start_model"]
+        return manifest["config_hash"] == config_hash(profile, manifest["stage"], manifest["domain"], manifest["seed"],
+                                                      start)
+
+    return [r for r in find_runs(stage) if current(r)]
 
 
 def _label(run: Run) -> dict:

@@ -65,11 +65,7 @@ def _judge(settings):
 
 def stage_run(profile: Profile, stage: str, domain: str | None, seed: int, start: str) -> Run:
     """The run directory of a stage: named by what it is, keyed by a hash of everything that shapes its result."""
-    top = {"model": profile.model, "quantize_4bit": profile.quantize_4bit, "bf16": profile.bf16}
-    sections = ("align", "domains") if stage == "align" else (stage,)
-    config_hash = profile.section_hash(*sections, "data", "lora", "generation", "eval", "judge",
-                                       extra=top | {"stage": stage, "domain": domain, "seed": seed, "start": start})
-    return pipeline.run_for(stage, domain, profile.model, seed, config_hash)
+    return pipeline.run_for(stage, domain, profile.model, seed, pipeline.config_hash(profile, stage, domain, seed, start))
 
 
 def _eval_sets(profile: Profile, domains: tuple[str, ...]) -> tuple[list[dict], list[dict]]:

@@ -53,8 +53,15 @@ def test_unfinished_run_is_not_finished(tmp_path, monkeypatch):
     assert not run.finished and pipeline.find_runs() == []
     run.finish(stop_reason="done")
     assert run.finished and [r.id for r in pipeline.find_runs("attack")] == [run.id]
+
+def test_study_runs_are_the_runs_the_profile_would_reuse(tmp_path, monkeypatch):
+    monkeypatch.setenv("RN_RUNS", str(tmp_path))
     profile = load_profile("smoke")
-    run.finish(profile=json.loads(json.dumps(profile.to_dict())))
+    key = pipeline.config_hash(profile, "attack", "cyber", 0, "align-x")
+    run = pipeline.run_for("attack", "cyber", profile.model, 0, key)
+    run.start({"stage": "attack", "domain": "cyber", "seed": 0, "start_model": "align-x", "config_hash": key})
+    run.finish()
     assert [r.id for r in pipeline.study_runs(profile, "attack")] == [run.id]
+    assert pipeline.study_runs(load_profile("smoke", {"defend.max_steps": 9}), "attack") == [run]  # not its section
     assert pipeline.study_runs(load_profile("smoke", {"attack.max_steps": 9}), "attack") == []
     assert json.loads((run.path / "manifest.json").read_text())["attempts"] == 1
