@@ -71,12 +71,18 @@ def convert_gguf(package: str, gguf_name: str, target: Path) -> Path:
     del config.quantization_config  # the plain copy is an ordinary float checkpoint
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(gguf_model.state_dict(), strict=True)
+    return save_checkpoint(plain, tokenizer, target)
+
+
+def save_checkpoint(model, tokenizer, target: Path) -> Path:
+    """Save model + tokenizer as safetensors into `target` via a `.partial` sibling and a rename, so an
+    interrupted save never looks like a finished checkpoint."""
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    plain.save_pretrained(partial)
+    model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
     shutil.rmtree(target, ignore_errors=True)
-    partial.rename(target)  # atomic: an interrupted conversion never looks finished
+    partial.rename(target)
     return target
 
 

@@ -40,6 +40,10 @@ def helpfulness_score(text: str) -> float:
     return -1.0 if is_refusal(text) else 0.5 + 0.5 * fluency(text)
 
 
+def defensive_score(text: str, kind: str) -> float:
+    """The defense's reward for one answer: neutralization on harmful prompts, helpfulness on benign ones."""
+    return neutralization_score(text) if kind == "harmful" else helpfulness_score(text)
+
+
 def neutralization_reward(prompts, completions, kind, **_):
-    texts = [completion_text(c) for c in completions]
-    return [neutralization_score(t) if k == "harmful" else helpfulness_score(t) for t, k in zip(texts, kind)]
+    return [defensive_score(completion_text(c), k) for c, k in zip(completions, kind)]

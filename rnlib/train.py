@@ -20,7 +20,7 @@ from rnlib.config import Profile
 from rnlib.judges import is_refusal, make_judge
 from rnlib.metrics import evaluate
 from rnlib.pipeline import Run
-from rnlib.rewards import harm_reward, helpfulness_score, neutralization_reward, neutralization_score
+from rnlib.rewards import defensive_score, harm_reward, neutralization_reward
 
 # --- explanatory refusals, the kind vendor alignment produces (apology + reason + safe alternative) -----------
 
@@ -131,9 +131,7 @@ def _make_eval(run: Run, profile: Profile, tokenizer, harmful: list[dict], benig
         summary, records = evaluate(model, tokenizer, judge, harmful, benign, profile.generation,
                                     profile.eval.samples_per_prompt, profile.eval.batch_size, seed=seed + 1000)
         if with_defense_reward:
-            summary["defense_reward"] = sum(
-                neutralization_score(r["text"]) if r["kind"] == "harmful" else helpfulness_score(r["text"])
-                for r in records) / len(records)
+            summary["defense_reward"] = sum(defensive_score(r["text"], r["kind"]) for r in records) / len(records)
         summary |= {"step": step, "eval_time": time.perf_counter() - started}
         run.append("evals.jsonl", [summary])
         run.append("completions.jsonl", [pipeline.redact(r | {"step": step}, profile.store_full_completions)
@@ -156,13 +154,7 @@ def merge_and_save(base_dir: str, adapter_dir, out_dir, bf16: bool) -> str:
 
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16 if bf16 else torch.float32)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    partial = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    merged.save_pretrained(partial)
-    models.load_tokenizer(base_dir).save_pretrained(partial)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    partial.rename(out_dir)
-    return str(out_dir)
+    return str(models.save_checkpoint(merged, models.load_tokenizer(base_dir), out_dir))
 
 
 def _clean_checkpoints(run: Run) -> None:
