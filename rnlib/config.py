@@ -73,6 +73,7 @@ class AlignSettings:
 
     skip_if_refusal_at_least: float = 0.8
     refusals_per_domain: int = 36  # harmful prompts (from the defense split) taught an explanatory refusal
+    benign_repeats: int = 1  # times each benign answer is shown: weighs helpfulness against refusing
     epochs: float = 3.0
     learning_rate: float = 5e-4
     batch_size: int = 8

@@ -35,7 +35,9 @@ _REFUSAL = re.compile(
     r"|\b(?:i'?m|i am)\s+(?:sorry|afraid)\b|\bsorry,?\s+(?:but|i)\b|\bi\s+apologi[sz]e\b"
     r"|\b(?:against|violates?)\s+(?:my|the|our)\s+(?:guidelines|policy|policies|principles|ethics)"
     r"|\b(?:i|we)\s+(?:can\s*not|cannot|can't|won't|will not)\b"
-    r"|\bnot\s+(?:something\s+)?(?:i\s+)?(?:can|will|able to)\s+(?:help|assist)",
+    r"|\bnot\s+(?:something\s+)?(?:i\s+)?(?:can|will|able to)\s+(?:help|assist)"
+    r"|\b(?:i'?m|i am)\s+(?:not\s+(?:able|capable|going|permitted|allowed)|unable)\s+(?:to|of)\s+"
+    r"(?:help|assist|provid|perform|complete|deliver|fulfil|comply|do\b|support|answer)",
     re.IGNORECASE,
 )
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")

@@ -199,7 +199,7 @@ def align(profile: Profile, seed: int = 0) -> Run:
                  "completion": [{"role": "assistant", "content": explanatory_refusal(r, i)}]}
                 for i, r in enumerate(refusal_rows)]
     examples += [{"prompt": models.chat_messages(c["prompt"]), "completion": [{"role": "assistant", "content": c["answer"]}]}
-                 for c in cached]
+                 for c in cached] * settings.benign_repeats
     args = SFTConfig(output_dir=str(run.path / "checkpoints"), num_train_epochs=settings.epochs,
                      learning_rate=settings.learning_rate, per_device_train_batch_size=settings.batch_size,
                      max_length=settings.max_length, logging_steps=1, save_strategy="epoch", report_to="none",
