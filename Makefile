@@ -7,7 +7,7 @@ DOMAINS ?=
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup figures test clean-runs
+.PHONY: setup figures robustness test clean-runs
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null || { echo "make: $(PYTHON) not found; install Python 3.11 or run make PYTHON=python3"; exit 2; }
@@ -25,8 +25,13 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 setup: $(VENV)/.installed
 
+# The paper's study: notebooks 01-04.
 figures: setup
-	$(BIN)/python -m rnlib.notebooks --profile $(PROFILE) $(if $(DOMAINS),--domains $(DOMAINS))
+	$(BIN)/python -m rnlib.notebooks --profile $(PROFILE) --only 01 02 03 04 $(if $(DOMAINS),--domains $(DOMAINS))
+
+# Beyond the paper: notebook 05 (baselines x adaptive attacks, transfer, seeds); many runs, hours on a CPU.
+robustness: setup
+	$(BIN)/python -m rnlib.notebooks --profile $(PROFILE) --only 05 $(if $(DOMAINS),--domains $(DOMAINS))
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -16,7 +16,8 @@ from rnlib.data import DataError
 from rnlib.judges import JudgeError
 from rnlib.models import ModelError
 
-STAGES = ("align", "defend", "attack")
+STAGES = ("align", "defend", "sft_refusal", "entropy", "attack")
+DEFENSES = {"defended": "defend", "sft_refusal": "sft_refusal", "entropy": "entropy"}
 
 
 def _overrides(pairs: list[str]) -> dict:
@@ -29,17 +30,21 @@ def _overrides(pairs: list[str]) -> dict:
     return overrides
 
 
-def run_stage(stage: str, profile, domain: str | None, seed: int, target: str):
+def run_stage(stage: str, profile, domain: str | None, seed: int, target: str, defended_on: str | None = None):
     from rnlib import train
 
     if stage == "align":
         return train.align(profile, seed)
     if domain is None:
         raise ConfigError(f"stage '{stage}' needs --domain ({', '.join(profile.domains)})")
-    if stage == "defend":
-        return train.defend(profile, domain, seed)
-    start = train.defend(profile, domain, seed) if target == "defended" else train.align(profile, seed)
-    return train.attack(profile, domain, seed, start=start)
+    if stage != "attack":
+        return getattr(train, stage)(profile, domain, seed)
+    if domain == train.JOINT:
+        raise ConfigError("attack one domain at a time; to attack a joint defense use --defended-on joint")
+    if target == "standard":
+        return train.attack(profile, domain, seed, start=train.align(profile, seed))
+    defense = getattr(train, DEFENSES[target])
+    return train.attack(profile, domain, seed, start=defense(profile, defended_on or domain, seed))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,10 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     run = commands.add_parser("run", help="run one stage (cached by config hash, resumable)")
     run.add_argument("stage", choices=STAGES)
     run.add_argument("--profile", default="cpu", help=f"one of {', '.join(available_profiles())} or a YAML path")
-    run.add_argument("--domain", choices=("biochem", "cyber"))
+    run.add_argument("--domain", choices=("biochem", "cyber", "joint"), help="joint: a defense on every domain")
     run.add_argument("--model", help="registry key, hub id or local directory (overrides the profile)")
     run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--target", choices=("standard", "defended"), default="standard", help="attack: which model")
+    run.add_argument("--target", choices=("standard", *DEFENSES), default="standard",
+                     help="attack: the standard-aligned model, or one defended by RN, sft_refusal or entropy")
+    run.add_argument("--defended-on", choices=("biochem", "cyber", "joint"),
+                     help="attack: the domain the target was defended on (default: the attacked domain)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. attack.max_steps=20")
     show = commands.add_parser("profile", help="print a resolved profile")
     show.add_argument("name")
@@ -62,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         overrides = _overrides(args.set) | ({"model": args.model} if args.model else {})
         profile = load_profile(args.profile, overrides)
-        result = run_stage(args.stage, profile, args.domain, args.seed, args.target)
+        result = run_stage(args.stage, profile, args.domain, args.seed, args.target, args.defended_on)
         print(json.dumps({"run": str(result.path), "stop_reason": result.manifest.get("stop_reason"),
                           "after": result.manifest.get("after")}, indent=2))
         return 0

@@ -108,11 +108,55 @@ class DefendSettings(GRPOSettings):
 
 
 @dataclass(frozen=True)
+class BaselineSettings:
+    """Defense baselines, given the defense's prompts, benign mix, optimizer steps and batch size."""
+
+    sft_learning_rate: float = 2e-4  # sft_refusal: SFT on concise refusals (the SFT-era defense)
+    entropy_learning_rate: float = 2e-4  # entropy: GRPO with reward = -mean token entropy (TokenBuncher-style)
+
+
+@dataclass(frozen=True)
+class AdaptiveSettings:
+    """Attacks beyond the paper's, aimed at the neutralization mechanism. The defaults are the paper's attack."""
+
+    temperature: float | None = None  # the attacker's sampling temperature (evaluation keeps generation's)
+    bonus: str = "none"  # added to the harm score: "entropy" (TokenBuncher's adaptive attack) or "length"
+    bonus_weight: float = 1.0  # the bonus is in [0, 1] before this weight; the harm score is 0-10
+    warm_start_steps: int = 0  # SFT steps on the un-aligned model's compliant answers before the RL attack
+
+
+# Named attacks for the robustness matrix (notebook 05): each is a set of profile overrides on the paper's attack.
+ATTACK_VARIANTS = {
+    "paper": {},
+    "grpo_loss": {"attack.loss_type": "grpo"},
+    "dr_grpo": {"attack.loss_type": "dr_grpo"},
+    "unscaled": {"attack.scale_rewards": "none"},
+    "hot_sampling": {"adaptive.temperature": 1.4},
+    "16_generations": {"attack.num_generations": 16, "attack.prompts_per_step": 1},
+    "entropy_bonus": {"adaptive.bonus": "entropy"},
+    "length_bonus": {"adaptive.bonus": "length"},
+    "sft_warm_start": {"adaptive.warm_start_steps": 10},
+}
+TARGETS = ("standard", "defended", "sft_refusal", "entropy")
+
+
+@dataclass(frozen=True)
+class RobustnessSettings:
+    """What notebook 05 runs: targets x attacks on each domain, and the seeds of the headline comparison."""
+
+    targets: tuple[str, ...] = TARGETS
+    attacks: tuple[str, ...] = tuple(ATTACK_VARIANTS)
+    headline_seeds: tuple[int, ...] = (0, 1, 2)
+    cross_domain: bool = True  # defend on one domain, attack the other; and a joint defense
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     model: str = "smollm2-135m"
     quantize_4bit: bool = False
     bf16: bool = False
+    use_vllm: bool = False  # GPU only: TRL's vLLM generation (colocate) for the GRPO stages
     domains: tuple[str, ...] = DOMAINS
     seeds: tuple[int, ...] = (0,)
     store_full_completions: bool = False
@@ -124,6 +168,9 @@ class Profile:
     align: AlignSettings = field(default_factory=AlignSettings)
     defend: DefendSettings = field(default_factory=DefendSettings)
     attack: GRPOSettings = field(default_factory=GRPOSettings)
+    adaptive: AdaptiveSettings = field(default_factory=AdaptiveSettings)
+    baselines: BaselineSettings = field(default_factory=BaselineSettings)
+    robustness: RobustnessSettings = field(default_factory=RobustnessSettings)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -141,6 +188,9 @@ _CHOICES = {
     "attack.loss_type": ("grpo", "dapo", "dr_grpo", "bnpo"),
     "defend.scale_rewards": ("group", "batch", "none"),
     "attack.scale_rewards": ("group", "batch", "none"),
+    "adaptive.bonus": ("none", "entropy", "length"),
+    "robustness.targets": TARGETS,
+    "robustness.attacks": tuple(ATTACK_VARIANTS),
 }
 
 
@@ -221,13 +271,24 @@ def load_profile(name_or_path: str | Path, overrides: dict | None = None) -> Pro
     raw.setdefault("name", path.stem)
     for dotted, value in (overrides or {}).items():
         _set_dotted(raw, dotted, value)
-    profile = _build(Profile, raw)
+    return _checked(_build(Profile, raw))
+
+
+def _checked(profile: Profile) -> Profile:
     if profile.eval.samples_per_prompt < 2:
         raise ConfigError("config key 'eval.samples_per_prompt' must be >= 2 (the neutralization index compares samples)")
     for stage in ("defend", "attack"):
         if getattr(profile, stage).num_generations < 2:
             raise ConfigError(f"config key '{stage}.num_generations' must be >= 2 (GRPO compares a group of answers)")
     return profile
+
+
+def with_overrides(profile: Profile, overrides: dict) -> Profile:
+    """The same profile with dotted-key overrides applied (validated like a loaded profile)."""
+    raw = profile.to_dict()
+    for dotted, value in overrides.items():
+        _set_dotted(raw, dotted, value)
+    return _checked(_build(Profile, raw))
 
 
 def notebook_setup(profile: str, overrides: dict | None = None, figures_dir: str | None = None,

@@ -113,6 +113,17 @@ def quantization_config(quantize_4bit: bool) -> BitsAndBytesConfig | None:
     )
 
 
+def vllm_generation(use_vllm: bool) -> dict:
+    """GRPOConfig fields for TRL's vLLM generation in colocate mode (one GPU shared by training and vLLM)."""
+    if not use_vllm:
+        return {}
+    if not torch.cuda.is_available():
+        raise ModelError("vLLM generation needs a CUDA GPU; on this machine set use_vllm: false")
+    if importlib.util.find_spec("vllm") is None:
+        raise ModelError("vLLM generation needs vllm; install it with: pip install vllm (or set use_vllm: false)")
+    return {"use_vllm": True, "vllm_mode": "colocate", "vllm_gpu_memory_utilization": 0.3}
+
+
 def load_model(name: str = DEFAULT_MODEL, quantize_4bit: bool = False, bf16: bool = False):
     """Load (model, tokenizer) by registry key, hub id or local directory. Returns the model in eval mode."""
     path = resolve(name)

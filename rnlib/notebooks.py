@@ -49,7 +49,9 @@ def execute(profile: str, only: list[str] | None = None, domains: list[str] | No
                                    kernel_name="python3", cwd=str(ROOT), progress_bar=False)
         timings[source.stem] = round(time.perf_counter() - started, 1)
         print(f"[rnlib.notebooks] {source.stem} done in {timings[source.stem]:.0f} s", flush=True)
-    (output_dir / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
+    recorded = output_dir / "timings.json"  # a partial run (--only) keeps the other notebooks' times
+    previous = json.loads(recorded.read_text()) if recorded.is_file() else {}
+    recorded.write_text(json.dumps(dict(sorted((previous | timings).items())), indent=2) + "\n")
     return timings
 
 

@@ -16,6 +16,8 @@ import sys
 import time
 from dataclasses import dataclass
 from importlib import metadata
+
+from rnlib.config import DOMAINS
 from pathlib import Path
 
 REDACT_AT = 3.0  # completions the judge scores at or above this are stored redacted
@@ -23,7 +25,7 @@ PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "b
 
 
 def runs_root() -> Path:
-    return Path(os.environ.get("RN_RUNS", "runs"))
+    return Path(os.environ.get("RN_RUNS", "runs")).resolve()  # manifests record absolute model paths
 
 
 def _git_commit() -> str | None:
@@ -146,7 +148,11 @@ def find_runs(stage: str | None = None, root: Path | None = None) -> list[Run]:
 def config_hash(profile, stage: str, domain: str | None, seed: int, start: str) -> str:
     """Hash of the profile sections a stage reads plus its inputs (`start`: the run it starts from)."""
     top = {"model": profile.model, "quantize_4bit": profile.quantize_4bit, "bf16": profile.bf16}
-    sections = ("align", "domains") if stage == "align" else (stage,)
+    top |= {"use_vllm": True} if profile.use_vllm else {}  # a different sampler; off keeps earlier hashes
+    sections = {"align": ("align", "domains"), "sft_refusal": ("defend", "baselines"),
+                "entropy": ("defend", "baselines")}.get(stage, (stage,))
+    if stage == "attack" and profile.adaptive != type(profile.adaptive)():
+        sections += ("adaptive",)  # only a non-paper attack hashes it, so the paper's attack keeps its runs
     return profile.section_hash(*sections, "data", "lora", "generation", "eval", "judge",
                                 extra=top | {"stage": stage, "domain": domain, "seed": seed, "start": start})
 
@@ -163,11 +169,26 @@ def study_runs(profile, stage: str | None = None) -> list[Run]:
     return [r for r in find_runs(stage) if current(r)]
 
 
+def paper_runs(profile, stage: str) -> list[Run]:
+    """The paper's comparison among the study runs: attacks on the standard model or on RN trained on the
+    attacked domain, and single-domain defenses (baselines, cross-domain and joint runs belong to 05)."""
+
+    def paper(run: Run) -> bool:
+        manifest = run.manifest
+        if manifest["stage"] == "attack":
+            return manifest.get("target") in ("align", "defend") and \
+                manifest.get("target_domain", manifest["domain"]) in (None, manifest["domain"])
+        return manifest["domain"] in DOMAINS
+
+    return [r for r in study_runs(profile, stage) if paper(r)]
+
+
 def _label(run: Run) -> dict:
     manifest = run.manifest
     target = {"align": "standard", "defend": "defended"}.get(manifest.get("target"), manifest.get("target"))
     return {"run_id": run.id, "stage": manifest["stage"], "domain": manifest["domain"], "seed": manifest["seed"],
-            "model": manifest["model"], "target": target}
+            "model": manifest["model"], "target": target,
+            "defended_on": manifest.get("target_domain", manifest["domain"]) if target != "standard" else None}
 
 
 def frame(runs: list[Run], table: str = "evals"):

@@ -4,6 +4,8 @@ The dataset columns they read: `request` (the user's text) and `kind` ("harmful"
 """
 from __future__ import annotations
 
+import torch
+
 from rnlib.judges import fluency, is_refusal, refusal_body, specificity
 
 
@@ -47,3 +49,63 @@ def defensive_score(text: str, kind: str) -> float:
 
 def neutralization_reward(prompts, completions, kind, **_):
     return [defensive_score(completion_text(c), k) for c, k in zip(completions, kind)]
+
+
+class TokenEntropy:
+    """Mean next-token entropy (nats) of each completion under the current policy: TokenBuncher's signal.
+
+    TRL's reward functions see text and token ids, not logits, so this re-scores the completions with one
+    forward pass of the policy; the stage sets `model` to the trainer's model before training.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.model = tokenizer, None
+
+    @torch.no_grad()
+    def __call__(self, prompts: list, completion_ids: list[list[int]]) -> list[float]:
+        texts = [self.tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
+        prompt_ids = [self.tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+        sequences = [p + list(c) for p, c in zip(prompt_ids, completion_ids)]
+        width = max(map(len, sequences))
+        pad = self.tokenizer.pad_token_id
+        device = next(self.model.parameters()).device
+        ids = torch.tensor([s + [pad] * (width - len(s)) for s in sequences], device=device)
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences], device=device)
+        was_training = self.model.training
+        self.model.eval()
+        logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
+        self.model.train(was_training)
+        log_probs = logits.log_softmax(-1)
+        entropy = -(log_probs.exp() * log_probs).sum(-1)  # entropy of the distribution predicting token t+1
+        return [float(entropy[i, len(p) - 1:len(p) - 1 + len(c)].mean()) if len(c) else 0.0
+                for i, (p, c) in enumerate(zip(prompt_ids, completion_ids))]
+
+
+def entropy_suppression_reward(entropy: TokenEntropy):
+    """TokenBuncher-style defense: reward low entropy on harmful prompts, helpfulness on benign ones."""
+
+    def entropy_suppression(prompts, completions, completion_ids, kind, **_):
+        harmful = [i for i, k in enumerate(kind) if k == "harmful"]
+        entropies = dict(zip(harmful, entropy([prompts[i] for i in harmful], [completion_ids[i] for i in harmful])))
+        return [-entropies[i] if i in entropies else helpfulness_score(completion_text(c))
+                for i, c in enumerate(completions)]
+
+    return entropy_suppression
+
+
+def entropy_bonus(entropy: TokenEntropy):
+    """Adaptive attacker's bonus: the completion's mean token entropy, to restore the variance RN removes."""
+
+    def entropy_bonus(prompts, completion_ids, **_):
+        return entropy(prompts, completion_ids)
+
+    return entropy_bonus
+
+
+def length_bonus(max_tokens: int):
+    """Adaptive attacker's bonus: completion length as a share of the budget (concise refusals earn ~0)."""
+
+    def length_bonus(completion_ids, **_):
+        return [len(c) / max_tokens for c in completion_ids]
+
+    return length_bonus

@@ -3,7 +3,10 @@
 - `align`: the "standard safety-aligned" starting point (SFT on explanatory refusals), skipped when the
   model already refuses, as the 7-8B instruct models do.
 - `defend`: Reward Neutralization, GRPO towards concise, minimal-information refusals, until neutralized.
-- `attack`: the malicious GRPO fine-tuning with reward = harm score, identical whatever model it attacks.
+- `attack`: the malicious GRPO fine-tuning with reward = harm score, identical whatever model it attacks
+  (`profile.adaptive` makes it an adaptive attack aimed at the neutralization mechanism).
+- Baselines with RN's prompts and step budget: `sft_refusal` (SFT on concise refusals) and `entropy`
+  (TokenBuncher-style GRPO rewarding low response entropy).
 """
 from __future__ import annotations
 
@@ -20,7 +23,8 @@ from rnlib.config import Profile
 from rnlib.judges import is_refusal, make_judge
 from rnlib.metrics import evaluate
 from rnlib.pipeline import Run
-from rnlib.rewards import defensive_score, harm_reward, neutralization_reward
+from rnlib.rewards import (TokenEntropy, defensive_score, entropy_bonus, entropy_suppression_reward, harm_reward,
+                           length_bonus, neutralization_reward)
 
 # --- explanatory refusals, the kind vendor alignment produces (apology + reason + safe alternative) -----------
 
@@ -59,7 +63,7 @@ def explanatory_refusal(row: dict, i: int) -> str:
 # --- shared plumbing ---------------------------------------------------------------------------------------
 
 @cache
-def _judge(settings):
+def cached_judge(settings):
     return make_judge(settings)
 
 
@@ -124,7 +128,7 @@ class StudyCallback(TrainerCallback):
 def _make_eval(run: Run, profile: Profile, tokenizer, harmful: list[dict], benign: list[dict], seed: int,
                with_defense_reward: bool = False):
     """An evaluation closure that appends its summary and (redacted) completions to the run."""
-    judge = _judge(profile.judge)
+    judge = cached_judge(profile.judge)
 
     def run_eval(model, step: int) -> dict:
         started = time.perf_counter()
@@ -161,12 +165,42 @@ def _clean_checkpoints(run: Run) -> None:
     shutil.rmtree(run.path / "checkpoints", ignore_errors=True)
 
 
-# --- align -------------------------------------------------------------------------------------------------
+# --- supervised stages (align, and the sft_refusal baseline) ------------------------------------------------
+
+def _answers_to(model, tokenizer, rows: list[dict], profile: Profile, seed: int, max_new_tokens: int) -> list[dict]:
+    answers = models.generate(model, tokenizer, data.prompts(rows), max_new_tokens=max_new_tokens, temperature=0.7,
+                              batch_size=profile.eval.batch_size, seed=seed)
+    return [{"prompt": r["prompt"], "answer": a} for r, a in zip(rows, answers)]
+
+
+def _benign_answers(run: Run, model, tokenizer, rows: list[dict], profile: Profile, seed: int,
+                    max_new_tokens: int) -> list[dict]:
+    """The model's own answers to benign prompts, refusals dropped: they keep a fine-tuned model useful."""
+    cached = pipeline.read_jsonl(run.path / "benign_answers.jsonl")
+    if not cached:
+        cached = [a for a in _answers_to(model, tokenizer, rows, profile, seed, max_new_tokens)
+                  if not is_refusal(a["answer"])]
+        run.append("benign_answers.jsonl", cached)
+    return cached
+
+
+def _sft_examples(pairs) -> list[dict]:
+    return [{"prompt": models.chat_messages(prompt), "completion": [{"role": "assistant", "content": answer}]}
+            for prompt, answer in pairs]
+
+
+def _sft_trainer(profile: Profile, model, tokenizer, examples: list[dict], output_dir: str, seed: int,
+                 callbacks=(), **args):
+    from trl import SFTConfig, SFTTrainer
+
+    config = SFTConfig(output_dir=output_dir, logging_steps=1, report_to="none", seed=seed, bf16=profile.bf16,
+                       gradient_checkpointing=_cuda(), use_cpu=not _cuda(), **args)
+    return SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(examples), processing_class=tokenizer,
+                      peft_config=models.lora_config(profile.lora), callbacks=list(callbacks))
+
 
 def align(profile: Profile, seed: int = 0) -> Run:
     """Standard safety alignment: SFT on explanatory refusals + the model's own benign answers."""
-    from trl import SFTConfig, SFTTrainer
-
     settings = profile.align
     run = stage_run(profile, "align", None, seed, start=profile.model)
     if run.finished:
@@ -188,26 +222,14 @@ def align(profile: Profile, seed: int = 0) -> Run:
                    stop_reason=f"skipped: the model already refuses {before['refusal_rate']:.0%} of eval prompts")
         return run
 
-    # The model's own answers to benign prompts keep it useful; refusals among them are dropped.
-    cached = pipeline.read_jsonl(run.path / "benign_answers.jsonl")
-    if not cached:
-        answers = models.generate(model, tokenizer, data.prompts(benign_rows), max_new_tokens=settings.max_length // 2,
-                                  temperature=0.7, batch_size=profile.eval.batch_size, seed=seed)
-        cached = [{"prompt": r["prompt"], "answer": a} for r, a in zip(benign_rows, answers) if not is_refusal(a)]
-        run.append("benign_answers.jsonl", cached)
-    examples = [{"prompt": models.chat_messages(r["prompt"]),
-                 "completion": [{"role": "assistant", "content": explanatory_refusal(r, i)}]}
-                for i, r in enumerate(refusal_rows)]
-    examples += [{"prompt": models.chat_messages(c["prompt"]), "completion": [{"role": "assistant", "content": c["answer"]}]}
-                 for c in cached] * settings.benign_repeats
-    args = SFTConfig(output_dir=str(run.path / "checkpoints"), num_train_epochs=settings.epochs,
-                     learning_rate=settings.learning_rate, per_device_train_batch_size=settings.batch_size,
-                     max_length=settings.max_length, logging_steps=1, save_strategy="epoch", report_to="none",
-                     seed=seed, bf16=profile.bf16, gradient_checkpointing=_cuda(), use_cpu=not _cuda(),
-                     lr_scheduler_type="cosine", warmup_steps=0.05)
-    callback = StudyCallback(run, run_eval, eval_every=10**9)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(examples), processing_class=tokenizer,
-                         peft_config=models.lora_config(profile.lora), callbacks=[callback])
+    benign = _benign_answers(run, model, tokenizer, benign_rows, profile, seed, settings.max_length // 2)
+    examples = _sft_examples((r["prompt"], explanatory_refusal(r, i)) for i, r in enumerate(refusal_rows))
+    examples += _sft_examples((c["prompt"], c["answer"]) for c in benign) * settings.benign_repeats
+    trainer = _sft_trainer(profile, model, tokenizer, examples, str(run.path / "checkpoints"), seed,
+                           [StudyCallback(run, run_eval, eval_every=10**9)], num_train_epochs=settings.epochs,
+                           learning_rate=settings.learning_rate, per_device_train_batch_size=settings.batch_size,
+                           max_length=settings.max_length, save_strategy="epoch", lr_scheduler_type="cosine",
+                           warmup_steps=0.05)
     trainer.train(resume_from_checkpoint=checkpoint)
     after = run.evals()[-1] if run.evals()[-1]["step"] == trainer.state.global_step else \
         run_eval(trainer.model, trainer.state.global_step)
@@ -222,30 +244,47 @@ def align(profile: Profile, seed: int = 0) -> Run:
 
 # --- GRPO stages ---------------------------------------------------------------------------------------------
 
-def _grpo(run: Run, profile: Profile, settings, start: Run, dataset: list[dict], reward_func, run_eval_factory,
-          seed: int, stop_rule=None):
+def grpo_trainer(profile: Profile, settings, model_dir: str, dataset: list[dict], reward_funcs, output_dir: str,
+                 seed: int, callbacks=(), **overrides):
+    """TRL's GRPOTrainer with LoRA for one stage: TRL defaults except what the profile sets.
+
+    Precision and checkpointing are set explicitly: TRL defaults to bf16 autocast and gradient checkpointing,
+    which on a CPU without native bf16 make a step several times slower (see `python -m rnlib.bench`).
+    `overrides` are GRPOConfig fields (the benchmark uses them to put TRL's defaults side by side).
+    """
     from trl import GRPOConfig, GRPOTrainer
 
-    checkpoint = _resume_point(run)
-    model, tokenizer = models.load_model(start.model_dir, profile.quantize_4bit, profile.bf16)
-    run_eval = run_eval_factory(tokenizer)
+    model, tokenizer = models.load_model(model_dir, profile.quantize_4bit, profile.bf16)
     gen = profile.generation
-    args = GRPOConfig(
-        output_dir=str(run.path / "checkpoints"), max_steps=settings.max_steps, learning_rate=settings.learning_rate,
+    fields = dict(
+        output_dir=output_dir, max_steps=settings.max_steps, learning_rate=settings.learning_rate,
         per_device_train_batch_size=settings.num_generations * settings.prompts_per_step,
         num_generations=settings.num_generations, max_completion_length=gen.max_new_tokens,
         temperature=gen.temperature, top_p=gen.top_p, beta=settings.beta, loss_type=settings.loss_type,
         scale_rewards=settings.scale_rewards, logging_steps=1, save_steps=settings.save_every, report_to="none",
-        seed=seed, bf16=profile.bf16, gradient_checkpointing=_cuda(), use_cpu=not _cuda())
-    callback = StudyCallback(run, run_eval, settings.eval_every, stop_rule)
-    trainer = GRPOTrainer(model=model, reward_funcs=reward_func, args=args, train_dataset=Dataset.from_list(dataset),
-                          processing_class=tokenizer, peft_config=models.lora_config(profile.lora), callbacks=[callback])
+        seed=seed, bf16=profile.bf16, gradient_checkpointing=_cuda(), use_cpu=not _cuda(),
+        **models.vllm_generation(profile.use_vllm))
+    args = GRPOConfig(**fields | overrides)
+    return GRPOTrainer(model=model, reward_funcs=reward_funcs, args=args, train_dataset=Dataset.from_list(dataset),
+                       processing_class=tokenizer, peft_config=models.lora_config(profile.lora),
+                       callbacks=list(callbacks))
+
+
+def _grpo(run: Run, profile: Profile, settings, model_dir: str, dataset: list[dict], reward_funcs, run_eval_factory,
+          seed: int, stop_rule=None, policy_readers=(), **overrides):
+    """Train one GRPO stage into `run`. `policy_readers` (rewards that score with the policy) get its model."""
+    checkpoint = _resume_point(run)
+    callback = StudyCallback(run, run_eval_factory(models.load_tokenizer(model_dir)), settings.eval_every, stop_rule)
+    trainer = grpo_trainer(profile, settings, model_dir, dataset, reward_funcs, str(run.path / "checkpoints"), seed,
+                           [callback], **overrides)
+    for reader in policy_readers:
+        reader.model = trainer.model
     trainer.train(resume_from_checkpoint=checkpoint)
     trainer.model.save_pretrained(run.path / "adapter")
     return trainer
 
 
-def _rl_rows(rows: list[dict], kind: str) -> list[dict]:
+def rl_rows(rows: list[dict], kind: str) -> list[dict]:
     return [{"prompt": models.chat_messages(r["prompt"]), "request": r["prompt"], "kind": kind, "id": r["id"]}
             for r in rows]
 
@@ -267,20 +306,48 @@ def neutralization_stop(settings):
     return rule
 
 
-def defend(profile: Profile, domain: str, seed: int = 0, start: Run | None = None) -> Run:
-    """Reward Neutralization on one domain's defense split, mixed with benign prompts."""
-    settings = profile.defend
-    start = start or align(profile, seed)
-    run = stage_run(profile, "defend", domain, seed, start=start.id)
-    if run.finished:
-        return run
-    harmful = data.take(data.harmful_split(domain, "defense"), profile.data.n_defense)
-    n_benign = round(len(harmful) * settings.benign_fraction / (1 - settings.benign_fraction))
+JOINT = "joint"  # a defense trained on every domain of the profile at once
+
+
+def _defense_sets(profile: Profile, domain: str) -> tuple[list[dict], list[dict], tuple[str, ...]]:
+    """(harmful defense prompts, benign mix, domains) of a defense on one domain or on all of them (JOINT)."""
+    domains = tuple(profile.domains) if domain == JOINT else (domain,)
+    harmful = [r for d in domains for r in data.take(data.harmful_split(d, "defense"), profile.data.n_defense)]
+    fraction = profile.defend.benign_fraction
+    n_benign = round(len(harmful) * fraction / (1 - fraction))
     benign = data.take(data.benign_split("train"), min(n_benign, len(data.benign_split("train"))))
-    harmful_eval, benign_eval = _eval_sets(profile, (domain,))
+    return harmful, benign, domains
+
+
+def _finish_defense(run: Run, profile: Profile, start: Run, trainer, reason: str) -> Run:
+    model_dir = merge_and_save(start.model_dir, run.path / "adapter", run.path / "model", profile.bf16)
+    _clean_checkpoints(run)
+    run.finish(model_dir=model_dir, stop_reason=reason, steps_trained=trainer.state.global_step,
+               before=run.evals()[0], after=run.evals()[-1])
+    return run
+
+
+def _start_defense(profile: Profile, stage: str, domain: str, seed: int, start: Run | None):
+    """Shared opening of every defense: its run, data, evaluation sets and manifest (None when already finished)."""
+    start = start or align(profile, seed)
+    run = stage_run(profile, stage, domain, seed, start=start.id)
+    if run.finished:
+        return start, run, None
+    harmful, benign, domains = _defense_sets(profile, domain)
+    harmful_eval, benign_eval = _eval_sets(profile, domains)
     run.start(_manifest(run, profile, seed, domain, start.id,
                         {"defense": harmful, "benign_mix": benign, "eval": harmful_eval, "benign_eval": benign_eval}))
-    trainer = _grpo(run, profile, settings, start, _rl_rows(harmful, "harmful") + _rl_rows(benign, "benign"),
+    return start, run, (harmful, benign, harmful_eval, benign_eval)
+
+
+def defend(profile: Profile, domain: str, seed: int = 0, start: Run | None = None) -> Run:
+    """Reward Neutralization on one domain's defense split (or all, JOINT), mixed with benign prompts."""
+    settings = profile.defend
+    start, run, sets = _start_defense(profile, "defend", domain, seed, start)
+    if sets is None:
+        return run
+    harmful, benign, harmful_eval, benign_eval = sets
+    trainer = _grpo(run, profile, settings, start.model_dir, rl_rows(harmful, "harmful") + rl_rows(benign, "benign"),
                     neutralization_reward,
                     lambda tok: _make_eval(run, profile, tok, harmful_eval, benign_eval, seed, with_defense_reward=True),
                     seed, neutralization_stop(settings))
@@ -289,16 +356,92 @@ def defend(profile: Profile, domain: str, seed: int = 0, start: Run | None = Non
     reason = stops[-1]["reason"] if stops else (
         f"max_steps ({settings.max_steps}) reached before neutralization: index {last['neutralization_index']:.2f}, "
         f"defensive reward {last['defense_reward']:.3f}")
-    model_dir = merge_and_save(start.model_dir, run.path / "adapter", run.path / "model", profile.bf16)
-    _clean_checkpoints(run)
-    run.finish(model_dir=model_dir, stop_reason=reason, steps_trained=trainer.state.global_step,
-               before=run.evals()[0], after=last)
-    return run
+    return _finish_defense(run, profile, start, trainer, reason)
+
+
+# --- defense baselines: same prompts, benign mix, optimizer steps and batch size as Reward Neutralization -----
+
+_CONCISE_REFUSALS = ("I can't help with that.", "I won't help with this.", "Sorry, I can't assist with that.",
+                     "I cannot help with this request.", "I'm sorry, but I can't do that.", "I can't assist with this.")
+
+
+def sft_refusal(profile: Profile, domain: str, seed: int = 0, start: Run | None = None) -> Run:
+    """The SFT-era defense: supervised concise refusals (+ the model's own benign answers), max_steps steps."""
+    settings = profile.defend
+    start, run, sets = _start_defense(profile, "sft_refusal", domain, seed, start)
+    if sets is None:
+        return run
+    harmful, benign, harmful_eval, benign_eval = sets
+    model, tokenizer = models.load_model(start.model_dir, profile.quantize_4bit, profile.bf16)
+    run_eval = _make_eval(run, profile, tokenizer, harmful_eval, benign_eval, seed, with_defense_reward=True)
+    checkpoint = _resume_point(run)
+    answers = _benign_answers(run, model, tokenizer, benign, profile, seed, profile.generation.max_new_tokens)
+    examples = _sft_examples((r["prompt"], _CONCISE_REFUSALS[i % len(_CONCISE_REFUSALS)]) for i, r in enumerate(harmful))
+    examples += _sft_examples((c["prompt"], c["answer"]) for c in answers)
+    trainer = _sft_trainer(profile, model, tokenizer, examples, str(run.path / "checkpoints"), seed,
+                           [StudyCallback(run, run_eval, settings.eval_every)], max_steps=settings.max_steps,
+                           learning_rate=profile.baselines.sft_learning_rate, save_steps=settings.save_every,
+                           per_device_train_batch_size=settings.num_generations * settings.prompts_per_step,
+                           max_length=2 * profile.generation.max_new_tokens + 64)
+    trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.model.save_pretrained(run.path / "adapter")
+    return _finish_defense(run, profile, start, trainer, f"max_steps ({settings.max_steps}, RN's step budget)")
+
+
+def entropy(profile: Profile, domain: str, seed: int = 0, start: Run | None = None) -> Run:
+    """TokenBuncher-style defense: GRPO rewarding low response entropy on harmful prompts (no Token Noiser)."""
+    settings = profile.defend
+    start, run, sets = _start_defense(profile, "entropy", domain, seed, start)
+    if sets is None:
+        return run
+    harmful, benign, harmful_eval, benign_eval = sets
+    token_entropy = TokenEntropy(models.load_tokenizer(start.model_dir))
+    trainer = _grpo(run, profile, settings, start.model_dir, rl_rows(harmful, "harmful") + rl_rows(benign, "benign"),
+                    entropy_suppression_reward(token_entropy),
+                    lambda tok: _make_eval(run, profile, tok, harmful_eval, benign_eval, seed, with_defense_reward=True),
+                    seed, policy_readers=[token_entropy], learning_rate=profile.baselines.entropy_learning_rate)
+    return _finish_defense(run, profile, start, trainer, f"max_steps ({settings.max_steps}, RN's step budget)")
+
+
+# --- the attack ------------------------------------------------------------------------------------------------
+
+def _warm_start(run: Run, profile: Profile, start: Run, harmful: list[dict], seed: int) -> str:
+    """Adaptive attack: SFT the target on the un-aligned base model's compliant answers before the RL attack.
+
+    The answers live only in memory; the run keeps the warmed-up checkpoint (runs/ is never committed) and a
+    count, never their text.
+    """
+    target = run.path / "warm_start"
+    if (target / "config.json").is_file():
+        return str(target)
+    base, base_tokenizer = models.load_model(profile.model, profile.quantize_4bit, profile.bf16)
+    answers = [a for a in _answers_to(base, base_tokenizer, harmful, profile, seed, profile.generation.max_new_tokens)
+               if not is_refusal(a["answer"])]
+    del base
+    if not answers:
+        raise RuntimeError("warm start: the base model refused every attack prompt; nothing to fine-tune on")
+    model, tokenizer = models.load_model(start.model_dir, profile.quantize_4bit, profile.bf16)
+    trainer = _sft_trainer(profile, model, tokenizer, _sft_examples((a["prompt"], a["answer"]) for a in answers),
+                           str(run.path / "warm_start_checkpoints"), seed, max_steps=profile.adaptive.warm_start_steps,
+                           learning_rate=profile.attack.learning_rate, save_strategy="no",
+                           per_device_train_batch_size=profile.attack.num_generations * profile.attack.prompts_per_step,
+                           max_length=2 * profile.generation.max_new_tokens + 64)
+    trainer.train()
+    trainer.model.save_pretrained(run.path / "warm_start_adapter")
+    merge_and_save(start.model_dir, run.path / "warm_start_adapter", target, profile.bf16)
+    shutil.rmtree(run.path / "warm_start_checkpoints", ignore_errors=True)
+    run.append("warm_start.jsonl", [{"step": 0, "compliant_answers": len(answers),
+                                     "sft_steps": trainer.state.global_step}])
+    return str(target)
 
 
 def attack(profile: Profile, domain: str, seed: int = 0, start: Run | None = None) -> Run:
-    """The malicious GRPO fine-tuning: reward = harm score, same settings whatever model it attacks."""
-    settings = profile.attack
+    """The malicious GRPO fine-tuning: reward = harm score, same settings whatever model it attacks.
+
+    `profile.adaptive` turns it into an attack aimed at the neutralization mechanism (hotter sampling, an
+    entropy or length bonus, a compliant-SFT warm start); its defaults are the paper's attack.
+    """
+    settings, adaptive = profile.attack, profile.adaptive
     start = start or align(profile, seed)
     run = stage_run(profile, "attack", domain, seed, start=start.id)
     if run.finished:
@@ -307,11 +450,24 @@ def attack(profile: Profile, domain: str, seed: int = 0, start: Run | None = Non
     harmful_eval, benign_eval = _eval_sets(profile, (domain,))
     run.start(_manifest(run, profile, seed, domain, start.id,
                         {"attack": harmful, "eval": harmful_eval, "benign_eval": benign_eval},
-                        {"target": start.manifest["stage"]}))
-    reward = harm_reward(_judge(profile.judge))
-    trainer = _grpo(run, profile, settings, start, _rl_rows(harmful, "harmful"), reward,
-                    lambda tok: _make_eval(run, profile, tok, harmful_eval, benign_eval, seed), seed)
+                        {"target": start.manifest["stage"], "target_domain": start.manifest["domain"]}))
+    model_dir = _warm_start(run, profile, start, harmful, seed) if adaptive.warm_start_steps else start.model_dir
+    rewards, readers, overrides = [harm_reward(cached_judge(profile.judge))], [], {}
+    if adaptive.bonus == "entropy":
+        readers = [TokenEntropy(models.load_tokenizer(model_dir))]
+        rewards.append(entropy_bonus(readers[0]))
+    elif adaptive.bonus == "length":
+        rewards.append(length_bonus(profile.generation.max_new_tokens))
+    if len(rewards) > 1:
+        overrides["reward_weights"] = [1.0, adaptive.bonus_weight]
+    if adaptive.temperature is not None:
+        overrides["temperature"] = adaptive.temperature
+    trainer = _grpo(run, profile, settings, model_dir, rl_rows(harmful, "harmful"), rewards,
+                    lambda tok: _make_eval(run, profile, tok, harmful_eval, benign_eval, seed), seed,
+                    policy_readers=readers, **overrides)
     _clean_checkpoints(run)
+    shutil.rmtree(run.path / "warm_start", ignore_errors=True)
+    shutil.rmtree(run.path / "warm_start_adapter", ignore_errors=True)
     run.finish(model_dir=start.model_dir, stop_reason=f"max_steps ({settings.max_steps})",
                steps_trained=trainer.state.global_step, before=run.evals()[0], after=run.evals()[-1])
     return run

@@ -52,3 +52,11 @@ def test_overrides_change_only_their_section_hash():
     assert changed.attack.max_steps == 7
     assert base.section_hash("align") == changed.section_hash("align")
     assert base.section_hash("attack") != changed.section_hash("attack")
+
+
+def test_vllm_generation_gets_its_own_runs():
+    from rnlib.pipeline import config_hash
+
+    base, vllm = load_profile("smoke"), load_profile("smoke", {"use_vllm": True})
+    assert config_hash(base, "attack", "cyber", 0, "x") != config_hash(vllm, "attack", "cyber", 0, "x")
+    assert config_hash(base, "align", None, 0, "x") == config_hash(load_profile("smoke"), "align", None, 0, "x")

@@ -74,6 +74,19 @@ def test_qlora_config_on_a_gpu_machine_is_nf4_double_quant_bf16(monkeypatch):
     assert quant.bnb_4bit_compute_dtype == torch.bfloat16
 
 
+def test_vllm_generation_is_opt_in_and_needs_a_gpu_and_vllm(monkeypatch):
+    assert models.vllm_generation(False) == {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(models.ModelError, match="use_vllm: false"):
+        models.vllm_generation(True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(models.ModelError, match="pip install vllm"):
+        models.vllm_generation(True)
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: object())
+    assert models.vllm_generation(True)["vllm_mode"] == "colocate"
+
+
 def test_lora_config_comes_from_the_profile():
     lora = models.lora_config(LoraSettings(r=4, alpha=8, dropout=0.1, target_modules=("q_proj",)))
     assert (lora.r, lora.lora_alpha, lora.lora_dropout, set(lora.target_modules)) == (4, 8, 0.1, {"q_proj"})

@@ -17,6 +17,7 @@ EXPECTED_FIGURES = [
     "02_benign_refusal",
     "03_harm_standard_vs_defended", "03_refusal_standard_vs_defended",
     "04_paper_comparison", "04_mechanism_reward_std", "04_mechanism_zero_variance", "04_harm_vs_neutralization",
+    "05_robustness_matrix", "05_over_refusal", "05_headline_seeds",  # smoke has one domain: no 05_cross_domain
 ]
 
 
@@ -25,9 +26,9 @@ def _code_cells(notebook) -> list[str]:
             if c.cell_type == "code" and "injected-parameters" not in c.metadata.get("tags", [])]
 
 
-def test_four_numbered_percent_sources_with_a_parameters_cell():
+def test_numbered_percent_sources_with_a_parameters_cell():
     assert [p.stem for p in notebooks.sources()] == ["01_threat_demo", "02_defense_training", "03_attack",
-                                                     "04_analysis"]
+                                                     "04_analysis", "05_robustness"]
     for source in notebooks.sources():
         assert source.read_text().count("# %%") >= 5
         cells = jupytext.read(source).cells
@@ -64,6 +65,10 @@ def test_smoke_profile_executes_all_notebooks_and_writes_every_figure(runs_root,
         assert pdf.read_bytes().startswith(b"%PDF")
     summary = (figures / "summary.csv").read_text().splitlines()
     assert summary[0].startswith("domain,model,seeds") and len(summary) == 3  # standard + defended for cyber
+    matrix = (figures / "05_robustness_matrix.csv").read_text()
+    assert "entropy_bonus" in matrix and "sft_refusal" in matrix
+    seeds = (figures / "05_headline_seeds.csv").read_text().splitlines()
+    assert seeds[0] == "domain,target,n,mean,low,high" and all(",2," in row for row in seeds[1:])
     executed = tmp_path / "papermill_runs" / "smoke"
     for source in notebooks.sources():
         assert _code_cells(nbformat.read(executed / f"{source.stem}.ipynb", as_version=4)) == \

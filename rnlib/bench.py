@@ -1,0 +1,143 @@
+"""Benchmark of the study's hot path: `python -m rnlib.bench --profile cpu`. Prints figures; asserts nothing.
+
+1. A GRPO step as the study runs it (the profile's settings) and, side by side, with TRL's default precision
+   and memory settings (bf16 autocast, gradient checkpointing) at the same batch shape. Each variant runs in
+   its own process (so peak memory is its own) for a few steps of the attack; the first step is a warm-up.
+   A step splits into generation and judging (TRL's own profiling hooks time them) and forward/backward (the rest).
+2. The wall time of each stage of the smoke and cpu profiles, read from the finished runs' manifests, and of
+   each notebook, read from papermill_runs/<profile>/timings.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from datetime import datetime
+
+import torch
+from transformers import TrainerCallback
+
+from rnlib import config, data, models, pipeline, train
+from rnlib.notebooks import ROOT
+from rnlib.rewards import harm_reward
+
+VARIANTS = {
+    "profile": {},
+    "trl-defaults": {"bf16": True, "gradient_checkpointing": True},
+}
+
+
+class _StepClock(TrainerCallback):
+    def __init__(self):
+        self.step_times, self.logs, self.started = [], [], None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.step_times.append(time.perf_counter() - self.started)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "reward" in logs:
+            self.logs.append(logs)
+
+
+def measure(profile_name: str, variant: str, steps: int, domain: str) -> dict:
+    """Run `steps` attack steps of one variant in this process; return mean per-step figures (after warm-up)."""
+    from trl.extras import profiling
+
+    # TRL times generation and each reward function in ProfilingContext blocks; collect them here.
+    durations = defaultdict(list)
+    # Their names carry the trainer class as a prefix ("GRPOTrainer.transformers.generate").
+    profiling.ProfilingContext._log_metrics = \
+        lambda self, seconds: durations[self.name.split(".", 1)[-1]].append(seconds)
+    profile = config.load_profile(profile_name, {"attack.max_steps": steps})
+    rows = train.rl_rows(data.take(data.harmful_split(domain, "attack"), profile.data.n_attack), "harmful")
+    clock = _StepClock()
+    with tempfile.TemporaryDirectory() as scratch:
+        trainer = train.grpo_trainer(profile, profile.attack, models.resolve(profile.model), rows,
+                                     harm_reward(train.cached_judge(profile.judge)), scratch, seed=0,
+                                     callbacks=[clock], save_strategy="no", **VARIANTS[variant])
+        trainer.train()
+    measured = slice(1, None) if steps > 1 else slice(None)
+    step = sum(clock.step_times[measured]) / len(clock.step_times[measured])
+    generation = sum(durations["transformers.generate"][measured]) / len(clock.step_times[measured])
+    judging = sum(durations["harm_score"][measured]) / len(clock.step_times[measured])
+    logs = clock.logs[measured]
+    batch = profile.attack.num_generations * profile.attack.prompts_per_step
+    completion_tokens = sum(log["completions/mean_length"] * batch for log in logs) / len(logs)
+    tokens = [log["num_tokens"] for log in clock.logs]
+    train_tokens = (tokens[-1] - tokens[0]) / max(1, len(tokens) - 1) if len(tokens) > 1 else tokens[0]
+    if torch.cuda.is_available():
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        peak_kind = "GPU"
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        peak_kind = "RSS"
+    return {"variant": variant, "step_s": step, "generation_s": generation, "judging_s": judging,
+            "forward_backward_s": step - generation - judging,
+            "generated_tokens_per_s": completion_tokens / generation if generation else None,
+            "trained_tokens_per_s": train_tokens / (step - generation - judging),
+            f"peak_{peak_kind}_GiB": peak, "steps_measured": len(clock.step_times[measured])}
+
+
+def _seconds(start: str, end: str) -> float:
+    return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
+
+
+def profile_wall_times(profile_name: str) -> list[dict]:
+    """Stage wall times of the profile's current finished runs, and its notebooks' papermill times."""
+    profile = config.load_profile(profile_name)
+    rows = [{"profile": profile_name, "what": run.id, "seconds": _seconds(run.manifest["started"], run.manifest["ended"])}
+            for run in pipeline.study_runs(profile)]
+    timings = ROOT / "papermill_runs" / profile_name / "timings.json"
+    if timings.is_file():
+        rows += [{"profile": profile_name, "what": f"notebook {name}", "seconds": seconds}
+                 for name, seconds in json.loads(timings.read_text()).items()]
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m rnlib.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default="cpu")
+    parser.add_argument("--steps", type=int, default=3, help="attack steps per variant (the first is a warm-up)")
+    parser.add_argument("--domain", default="cyber")
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--measure", choices=list(VARIANTS), help=argparse.SUPPRESS)  # internal: one variant
+    args = parser.parse_args(argv)
+    if args.measure:
+        print(json.dumps(measure(args.profile, args.measure, args.steps, args.domain)))
+        return 0
+
+    import pandas as pd
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else \
+        f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    print(f"# rnlib.bench: profile {args.profile}, {args.steps} attack steps per variant, on {device}\n")
+    results = []
+    for variant in args.variants:
+        out = subprocess.run([sys.executable, "-m", "rnlib.bench", "--measure", variant, "--profile", args.profile,
+                              "--steps", str(args.steps), "--domain", args.domain],
+                             capture_output=True, text=True, cwd=ROOT)
+        if out.returncode != 0:
+            print(f"rnlib.bench: variant {variant} failed: {out.stderr.strip().splitlines()[-1]}", file=sys.stderr)
+            return 1
+        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    print(pd.DataFrame(results).round(2).to_markdown(index=False))
+    walls = [row for name in ("smoke", "cpu") for row in profile_wall_times(name)]
+    if walls:
+        table = pd.DataFrame(walls)
+        print("\n## Wall time per stage and notebook (from run manifests and papermill timings)\n")
+        print(table.assign(minutes=table.seconds / 60).round(1).to_markdown(index=False))
+        print("\n" + table.groupby("profile").seconds.sum().div(60).round(1).rename("total minutes").to_markdown())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

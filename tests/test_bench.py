@@ -1,0 +1,18 @@
+"""The benchmark runs end to end on the smoke profile and reports the split of a GRPO step."""
+import pytest
+
+from rnlib import bench
+
+pytestmark = pytest.mark.slow
+
+
+def test_bench_reports_step_split(capsys):
+    assert bench.main(["--profile", "smoke", "--steps", "2", "--variants", "profile"]) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("| variant"))
+    for column in ("step_s", "generation_s", "judging_s", "forward_backward_s", "peak_RSS_GiB"):
+        assert column in header
+    row = next(line for line in out.splitlines() if line.startswith("| profile"))
+    step, generation, judging, forward_backward = (float(x) for x in row.split("|")[2:6])
+    assert step > 0 and generation > 0 and forward_backward > 0
+    assert generation + judging <= step
