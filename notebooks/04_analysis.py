@@ -31,8 +31,8 @@ from rnlib import pipeline, plots
 from rnlib.config import notebook_setup
 
 study, figures_dir, _, _ = notebook_setup(profile, overrides, figures_dir)
-attacks = pipeline.paper_runs(study, "attack")
-defenses = pipeline.paper_runs(study, "defend")
+attacks = pipeline.study_runs(study, "attack")
+defenses = pipeline.study_runs(study, "defend")
 if not attacks:
     raise RuntimeError(f"no finished attack runs for profile '{profile}'; run notebooks 01-03 first (make figures)")
 evals = pipeline.frame(attacks, "evals")

@@ -94,6 +94,24 @@ ax.set(ylabel="benign refusal rate", xlabel="", ylim=(0, 1))
 plots.save(fig, "05_over_refusal", figures_dir)
 
 # %% [markdown]
+# ## Finetunability: can each model still learn a benign task?
+#
+# The attack's GRPO budget, spent instead on short arithmetic questions with exact answers (written for this
+# project, `rnlib.data.arithmetic`); accuracy of greedy answers on held-out questions before and after. A
+# defense that blocks all RL learning, not only harmful learning, would show it here.
+
+# %%
+finetuned = robustness.utility(study, domains[0], seed)
+utility = robustness.last_evals(finetuned)
+utility["accuracy before"] = [run.manifest["before"]["accuracy"] for _, run in finetuned]
+display(utility[["target", "accuracy before", "accuracy"]].rename(columns={"accuracy": "accuracy after"}).round(3))
+long = utility.melt(id_vars="target", value_vars=["accuracy before", "accuracy"], var_name="when", value_name="acc")
+fig, ax = plots.plt.subplots(figsize=(5.5, 3.4))
+plots.sns.barplot(data=long.replace({"accuracy": "accuracy after"}), x="target", y="acc", hue="when", ax=ax)
+ax.set(ylabel="held-out arithmetic accuracy", xlabel="", ylim=(0, 1))
+plots.save(fig, "05_finetunability", figures_dir)
+
+# %% [markdown]
 # ## Transfer: RN trained on one domain (or both), attacked on each domain
 
 # %%

@@ -95,7 +95,7 @@ def profile_wall_times(profile_name: str) -> list[dict]:
     """Stage wall times of the profile's current finished runs, and its notebooks' papermill times."""
     profile = config.load_profile(profile_name)
     rows = [{"profile": profile_name, "what": run.id, "seconds": _seconds(run.manifest["started"], run.manifest["ended"])}
-            for run in pipeline.study_runs(profile)]
+            for run in pipeline.study_runs(profile, paper_only=False)]
     timings = ROOT / "papermill_runs" / profile_name / "timings.json"
     if timings.is_file():
         rows += [{"profile": profile_name, "what": f"notebook {name}", "seconds": seconds}

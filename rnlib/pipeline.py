@@ -150,15 +150,26 @@ def config_hash(profile, stage: str, domain: str | None, seed: int, start: str) 
     top = {"model": profile.model, "quantize_4bit": profile.quantize_4bit, "bf16": profile.bf16}
     top |= {"use_vllm": True} if profile.use_vllm else {}  # a different sampler; off keeps earlier hashes
     sections = {"align": ("align", "domains"), "sft_refusal": ("defend", "baselines"),
-                "entropy": ("defend", "baselines")}.get(stage, (stage,))
+                "entropy": ("defend", "baselines"), "finetune": ("attack",)}.get(stage, (stage,))
     if stage == "attack" and profile.adaptive != type(profile.adaptive)():
         sections += ("adaptive",)  # only a non-paper attack hashes it, so the paper's attack keeps its runs
     return profile.section_hash(*sections, "data", "lora", "generation", "eval", "judge",
                                 extra=top | {"stage": stage, "domain": domain, "seed": seed, "start": start})
 
 
-def study_runs(profile, stage: str | None = None) -> list[Run]:
-    """Finished runs this profile would reuse as they are (runs left stale by an edited setting are left out)."""
+def _in_paper_comparison(run: Run) -> bool:
+    """Attacks on the standard model or on RN trained on the attacked domain; single-domain align/defend runs.
+    Baselines, adaptive attacks, transfer, joint defenses and finetuning belong to notebook 05."""
+    manifest = run.manifest
+    if manifest["stage"] == "attack":
+        return manifest.get("target") in ("align", "defend") and \
+            manifest.get("target_domain", manifest["domain"]) in (None, manifest["domain"])
+    return manifest["stage"] == "align" or (manifest["stage"] == "defend" and manifest["domain"] in DOMAINS)
+
+
+def study_runs(profile, stage: str | None = None, paper_only: bool = True) -> list[Run]:
+    """Finished runs this profile would reuse as they are (runs left stale by an edited setting are left out);
+    by default only those of the paper's comparison (notebooks 01-04)."""
 
     def current(run: Run) -> bool:
         manifest = run.manifest
@@ -166,21 +177,7 @@ def study_runs(profile, stage: str | None = None) -> list[Run]:
         return manifest["config_hash"] == config_hash(profile, manifest["stage"], manifest["domain"], manifest["seed"],
                                                       start)
 
-    return [r for r in find_runs(stage) if current(r)]
-
-
-def paper_runs(profile, stage: str) -> list[Run]:
-    """The paper's comparison among the study runs: attacks on the standard model or on RN trained on the
-    attacked domain, and single-domain defenses (baselines, cross-domain and joint runs belong to 05)."""
-
-    def paper(run: Run) -> bool:
-        manifest = run.manifest
-        if manifest["stage"] == "attack":
-            return manifest.get("target") in ("align", "defend") and \
-                manifest.get("target_domain", manifest["domain"]) in (None, manifest["domain"])
-        return manifest["domain"] in DOMAINS
-
-    return [r for r in study_runs(profile, stage) if paper(r)]
+    return [r for r in find_runs(stage) if current(r) and (not paper_only or _in_paper_comparison(r))]
 
 
 def _label(run: Run) -> dict:

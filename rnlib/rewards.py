@@ -4,6 +4,8 @@ The dataset columns they read: `request` (the user's text) and `kind` ("harmful"
 """
 from __future__ import annotations
 
+import re
+
 import torch
 
 from rnlib.judges import fluency, is_refusal, refusal_body, specificity
@@ -49,6 +51,20 @@ def defensive_score(text: str, kind: str) -> float:
 
 def neutralization_reward(prompts, completions, kind, **_):
     return [defensive_score(completion_text(c), k) for c, k in zip(completions, kind)]
+
+
+def arithmetic_answer(text: str, operands: list[int]) -> int | None:
+    """The number an answer gives: the first after an "=", else the first that is not an operand echoed back."""
+    equation = re.search(r"=\s*(-?\d+)", text)
+    if equation:
+        return int(equation.group(1))
+    numbers = [int(n) for n in re.findall(r"-?\d+", text)]
+    return next((n for n in numbers if n not in operands), numbers[0] if numbers else None)
+
+
+def exact_answer_reward(prompts, completions, answer, operands, **_):
+    """Finetunability task reward: 1 for the right number, else 0."""
+    return [float(arithmetic_answer(completion_text(c), ops) == a) for c, a, ops in zip(completions, answer, operands)]
 
 
 class TokenEntropy:

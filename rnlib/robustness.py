@@ -1,4 +1,4 @@
-"""Beyond the paper (notebook 05): defenses x attacks, cross-domain transfer, and the headline over seeds.
+"""Beyond the paper (notebook 05): defenses x attacks, transfer, utility, and the headline over seeds.
 
 Every cell of the matrix is an ordinary `train.attack` run on an ordinary defense run, so it is cached,
 resumable and labelled like the rest of the study; this module only decides which runs make up a table.
@@ -48,6 +48,12 @@ def cross_domain(profile: Profile, seed: int) -> list[tuple[dict, Run]]:
             start = train.defend(profile, defended_on, seed)
             runs.append(({"defended_on": defended_on}, train.attack(profile, attacked, seed, start=start)))
     return runs
+
+
+def utility(profile: Profile, domain: str, seed: int) -> list[tuple[dict, Run]]:
+    """The finetunability task (same GRPO budget as the attack) on every target model."""
+    return [({"target": target}, train.finetune(profile, target_model(profile, target, domain, seed), seed))
+            for target in profile.robustness.targets]
 
 
 def headline(profile: Profile, domain: str) -> list[tuple[dict, Run]]:

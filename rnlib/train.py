@@ -23,8 +23,8 @@ from rnlib.config import Profile
 from rnlib.judges import is_refusal, make_judge
 from rnlib.metrics import evaluate
 from rnlib.pipeline import Run
-from rnlib.rewards import (TokenEntropy, defensive_score, entropy_bonus, entropy_suppression_reward, harm_reward,
-                           length_bonus, neutralization_reward)
+from rnlib.rewards import (TokenEntropy, arithmetic_answer, defensive_score, entropy_bonus, entropy_suppression_reward,
+                           exact_answer_reward, harm_reward, length_bonus, neutralization_reward)
 
 # --- explanatory refusals, the kind vendor alignment produces (apology + reason + safe alternative) -----------
 
@@ -468,6 +468,43 @@ def attack(profile: Profile, domain: str, seed: int = 0, start: Run | None = Non
     _clean_checkpoints(run)
     shutil.rmtree(run.path / "warm_start", ignore_errors=True)
     shutil.rmtree(run.path / "warm_start_adapter", ignore_errors=True)
+    run.finish(model_dir=start.model_dir, stop_reason=f"max_steps ({settings.max_steps})",
+               steps_trained=trainer.state.global_step, before=run.evals()[0], after=run.evals()[-1])
+    return run
+
+
+# --- utility: can the model still learn a benign task? -----------------------------------------------------------
+
+def finetune(profile: Profile, start: Run, seed: int = 0) -> Run:
+    """Finetunability: the attack's GRPO budget spent on a benign task with exact answers (rnlib.data.arithmetic).
+
+    Accuracy on held-out questions (greedy answers) before and after: a defense that blocks benign learning
+    shows up here.
+    """
+    settings = profile.attack
+    run = stage_run(profile, "finetune", None, seed, start=start.id)
+    if run.finished:
+        return run
+    train_rows, eval_rows = data.arithmetic("train"), data.arithmetic("eval")
+    run.start(_manifest(run, profile, seed, None, start.id, {"train": train_rows, "eval": eval_rows},
+                        {"target": start.manifest["stage"], "target_domain": start.manifest["domain"]}))
+
+    def eval_factory(tokenizer):
+        def run_eval(model, step: int) -> dict:
+            answers = models.generate(model, tokenizer, data.prompts(eval_rows), temperature=0,
+                                      max_new_tokens=profile.generation.max_new_tokens,
+                                      batch_size=profile.eval.batch_size)
+            correct = [arithmetic_answer(a, r["operands"]) == r["answer"] for a, r in zip(answers, eval_rows)]
+            summary = {"step": step, "accuracy": sum(correct) / len(correct)}
+            run.append("evals.jsonl", [summary])
+            return summary
+
+        return run_eval
+
+    rows = [{"prompt": models.chat_messages(r["prompt"]), "answer": r["answer"], "operands": r["operands"],
+             "id": r["id"]} for r in train_rows]
+    trainer = _grpo(run, profile, settings, start.model_dir, rows, exact_answer_reward, eval_factory, seed)
+    _clean_checkpoints(run)
     run.finish(model_dir=start.model_dir, stop_reason=f"max_steps ({settings.max_steps})",
                steps_trained=trainer.state.global_step, before=run.evals()[0], after=run.evals()[-1])
     return run

@@ -17,7 +17,7 @@ EXPECTED_FIGURES = [
     "02_benign_refusal",
     "03_harm_standard_vs_defended", "03_refusal_standard_vs_defended",
     "04_paper_comparison", "04_mechanism_reward_std", "04_mechanism_zero_variance", "04_harm_vs_neutralization",
-    "05_robustness_matrix", "05_over_refusal", "05_headline_seeds",  # smoke has one domain: no 05_cross_domain
+    "05_robustness_matrix", "05_over_refusal", "05_finetunability", "05_headline_seeds",  # smoke has one domain: no 05_cross_domain
 ]
 
 

@@ -65,3 +65,17 @@ def test_study_runs_are_the_runs_the_profile_would_reuse(tmp_path, monkeypatch):
     assert pipeline.study_runs(load_profile("smoke", {"defend.max_steps": 9}), "attack") == [run]  # not its section
     assert pipeline.study_runs(load_profile("smoke", {"attack.max_steps": 9}), "attack") == []
     assert json.loads((run.path / "manifest.json").read_text())["attempts"] == 1
+
+
+def test_arithmetic_task_and_its_answer_parser():
+    from rnlib import data
+    from rnlib.rewards import arithmetic_answer, exact_answer_reward
+
+    train_rows, eval_rows = data.arithmetic("train"), data.arithmetic("eval")
+    assert len(train_rows) == 64 and len(eval_rows) == 32
+    assert data.arithmetic("eval") == eval_rows  # deterministic
+    assert arithmetic_answer("20 - 10 = 10", [20, 10]) == 10
+    assert arithmetic_answer("The answer is 42.", [17, 25]) == 42
+    assert arithmetic_answer("17 and 25 make 43", [17, 25]) == 43
+    assert arithmetic_answer("no idea", [1, 2]) is None
+    assert exact_answer_reward(None, ["42", "41"], answer=[42, 42], operands=[[17, 25], [17, 25]]) == [1.0, 0.0]

@@ -55,6 +55,7 @@ def test_baseline_defenses_use_rns_prompts_and_budget(stage, aligned, profile):
     attacked = train.attack(profile, "cyber", start=run)
     assert attacked.manifest["target"] == stage
     assert pipeline._label(attacked)["target"] == stage
+    assert attacked.id not in [r.id for r in pipeline.study_runs(profile, "attack")]  # 05's, not 04's
 
 
 def test_adaptive_attack_warm_start_bonus_and_temperature(aligned, profile):
@@ -70,5 +71,14 @@ def test_adaptive_attack_warm_start_bonus_and_temperature(aligned, profile):
         {"step", "compliant_answers", "sft_steps"}  # a count, never the compliant text
     assert not (run.path / "warm_start").exists()  # the warmed-up checkpoint is removed when the attack ends
     assert run.manifest["profile"]["adaptive"]["temperature"] == 1.3
-    assert pipeline.paper_runs(adaptive, "attack") == [] or run.id not in \
-        [r.id for r in pipeline.paper_runs(profile, "attack")]
+    assert run.id not in [r.id for r in pipeline.study_runs(profile, "attack")]  # not in notebooks 01-04
+    assert run.id in [r.id for r in pipeline.study_runs(adaptive, "attack", paper_only=False)]
+
+
+def test_finetunability_task_records_accuracy_before_and_after(aligned, profile):
+    run = train.finetune(profile, aligned)
+    manifest = run.manifest
+    assert manifest["status"] == "finished" and manifest["target"] == "align"
+    assert [e["step"] for e in run.evals()] == list(range(0, profile.attack.max_steps + 1, profile.attack.eval_every))
+    assert 0 <= manifest["before"]["accuracy"] <= 1 and 0 <= manifest["after"]["accuracy"] <= 1
+    assert "rewards/exact_answer_reward/mean" in run.steps()[0]
