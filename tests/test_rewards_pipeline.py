@@ -59,7 +59,8 @@ def test_study_runs_are_the_runs_the_profile_would_reuse(tmp_path, monkeypatch):
     profile = load_profile("smoke")
     key = pipeline.config_hash(profile, "attack", "cyber", 0, "align-x")
     run = pipeline.run_for("attack", "cyber", profile.model, 0, key)
-    run.start({"stage": "attack", "domain": "cyber", "seed": 0, "start_model": "align-x", "config_hash": key})
+    run.start({"stage": "attack", "domain": "cyber", "seed": 0, "start_model": "align-x", "config_hash": key,
+               "target": "align", "target_domain": None})
     run.finish()
     assert [r.id for r in pipeline.study_runs(profile, "attack")] == [run.id]
     assert pipeline.study_runs(load_profile("smoke", {"defend.max_steps": 9}), "attack") == [run]  # not its section
