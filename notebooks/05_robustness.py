@@ -38,7 +38,7 @@ figures_dir = None
 import pandas as pd
 from IPython.display import Markdown, display
 
-from rnlib import plots, robustness
+from rnlib import plots, robustness, train
 from rnlib.config import notebook_setup
 
 study, figures_dir, _, domains = notebook_setup(profile, overrides, figures_dir, domains=domains)
@@ -86,7 +86,7 @@ display(Markdown(f"**Attacks that push RN's harm above 2:** {', '.join(broken) i
 
 # %%
 benign = matrix[(matrix["attack"] == settings.attacks[0])].copy()
-benign["benign_refusal_before"] = [robustness.target_model(study, t, d, seed).manifest.get("after", {}).get(
+benign["benign_refusal_before"] = [train.target_model(study, t, d, seed).manifest.get("after", {}).get(
     "benign_refusal_rate") for t, d in zip(benign["target"], benign["domain"])]
 fig, ax = plots.plt.subplots(figsize=(5, 3.4))
 plots.sns.barplot(data=benign, x="target", y="benign_refusal_before", hue="domain", ax=ax)

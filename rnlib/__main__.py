@@ -11,13 +11,12 @@ import sys
 
 import yaml
 
-from rnlib.config import ConfigError, available_profiles, load_profile
+from rnlib.config import TARGETS, ConfigError, available_profiles, load_profile
 from rnlib.data import DataError
 from rnlib.judges import JudgeError
 from rnlib.models import ModelError
 
 STAGES = ("align", "defend", "sft_refusal", "entropy", "attack")
-DEFENSES = {"defended": "defend", "sft_refusal": "sft_refusal", "entropy": "entropy"}
 
 
 def _overrides(pairs: list[str]) -> dict:
@@ -41,10 +40,7 @@ def run_stage(stage: str, profile, domain: str | None, seed: int, target: str, d
         return getattr(train, stage)(profile, domain, seed)
     if domain == train.JOINT:
         raise ConfigError("attack one domain at a time; to attack a joint defense use --defended-on joint")
-    if target == "standard":
-        return train.attack(profile, domain, seed, start=train.align(profile, seed))
-    defense = getattr(train, DEFENSES[target])
-    return train.attack(profile, domain, seed, start=defense(profile, defended_on or domain, seed))
+    return train.attack(profile, domain, seed, start=train.target_model(profile, target, defended_on or domain, seed))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--domain", choices=("biochem", "cyber", "joint"), help="joint: a defense on every domain")
     run.add_argument("--model", help="registry key, hub id or local directory (overrides the profile)")
     run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--target", choices=("standard", *DEFENSES), default="standard",
+    run.add_argument("--target", choices=TARGETS, default="standard",
                      help="attack: the standard-aligned model, or one defended by RN, sft_refusal or entropy")
     run.add_argument("--defended-on", choices=("biochem", "cyber", "joint"),
                      help="attack: the domain the target was defended on (default: the attacked domain)")

@@ -12,13 +12,6 @@ from rnlib import pipeline, train
 from rnlib.config import ATTACK_VARIANTS, Profile, with_overrides
 from rnlib.pipeline import Run
 
-DEFENSES = {"defended": train.defend, "sft_refusal": train.sft_refusal, "entropy": train.entropy}
-
-
-def target_model(profile: Profile, target: str, domain: str, seed: int) -> Run:
-    """The model an attack starts from: standard-aligned, or defended (RN or a baseline) on `domain`."""
-    return train.align(profile, seed) if target == "standard" else DEFENSES[target](profile, domain, seed)
-
 
 def _labelled(runs: list[tuple[dict, Run]], table: str) -> pd.DataFrame:
     return pd.concat([pipeline.frame([run], table).assign(**labels) for labels, run in runs], ignore_index=True)
@@ -35,7 +28,7 @@ def attack_matrix(profile: Profile, domain: str, seed: int) -> list[tuple[dict, 
     for name in profile.robustness.attacks:
         attacker = with_overrides(profile, ATTACK_VARIANTS[name])
         for target in profile.robustness.targets:
-            start = target_model(profile, target, domain, seed)
+            start = train.target_model(profile, target, domain, seed)
             runs.append(({"attack": name, "target": target}, train.attack(attacker, domain, seed, start=start)))
     return runs
 
@@ -52,7 +45,7 @@ def cross_domain(profile: Profile, seed: int) -> list[tuple[dict, Run]]:
 
 def utility(profile: Profile, domain: str, seed: int) -> list[tuple[dict, Run]]:
     """The finetunability task (same GRPO budget as the attack) on every target model."""
-    return [({"target": target}, train.finetune(profile, target_model(profile, target, domain, seed), seed))
+    return [({"target": target}, train.finetune(profile, train.target_model(profile, target, domain, seed), seed))
             for target in profile.robustness.targets]
 
 

@@ -403,6 +403,14 @@ def entropy(profile: Profile, domain: str, seed: int = 0, start: Run | None = No
     return _finish_defense(run, profile, start, trainer, f"max_steps ({settings.max_steps}, RN's step budget)")
 
 
+DEFENSES = {"defended": defend, "sft_refusal": sft_refusal, "entropy": entropy}  # attack target -> defense stage
+
+
+def target_model(profile: Profile, target: str, domain: str, seed: int) -> Run:
+    """The model an attack starts from: standard-aligned, or defended (RN or a baseline) on `domain`."""
+    return align(profile, seed) if target == "standard" else DEFENSES[target](profile, domain, seed)
+
+
 # --- the attack ------------------------------------------------------------------------------------------------
 
 def _warm_start(run: Run, profile: Profile, start: Run, harmful: list[dict], seed: int) -> str:

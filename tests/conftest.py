@@ -28,3 +28,19 @@ def runs_root(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("RN_RUNS", str(root))
         yield root
+
+
+@pytest.fixture(scope="session")
+def profile():
+    """The smoke profile: every stage for a few steps on the real model."""
+    from rnlib.config import load_profile
+
+    return load_profile("smoke")
+
+
+@pytest.fixture(scope="session")
+def aligned(runs_root, profile):
+    """The smoke profile's standard-aligned model, shared by the engine and robustness tests."""
+    from rnlib import train
+
+    return train.align(profile)

@@ -12,16 +12,6 @@ from rnlib.rewards import TokenEntropy, entropy_suppression_reward
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def profile():
-    return load_profile("smoke")
-
-
-@pytest.fixture(scope="module")
-def aligned(runs_root, profile):
-    return train.align(profile)
-
-
 def test_token_entropy_matches_a_direct_computation(smollm):
     model, tokenizer = smollm
     prompt = [{"role": "user", "content": "Name a colour."}]

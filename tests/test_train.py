@@ -13,16 +13,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def profile():
-    return load_profile("smoke")
-
-
-@pytest.fixture(scope="module")
-def aligned(runs_root, profile):
-    return train.align(profile)
-
-
-@pytest.fixture(scope="module")
 def defended(aligned, profile):
     return train.defend(profile, "cyber", start=aligned)
 
