@@ -51,7 +51,7 @@ def utility(profile: Profile, domain: str, seed: int) -> list[tuple[dict, Run]]:
 
 def headline(profile: Profile, domain: str) -> list[tuple[dict, Run]]:
     """The paper's attack on the standard and the RN model for each headline seed."""
-    return [({"target": target}, train.attack(profile, domain, seed, start=target_model(profile, target, domain, seed)))
+    return [({"target": target}, train.attack(profile, domain, seed, start=train.target_model(profile, target, domain, seed)))
             for seed in profile.robustness.headline_seeds for target in ("standard", "defended")]
 
 
