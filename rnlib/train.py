@@ -352,10 +352,13 @@ def defend(profile: Profile, domain: str, seed: int = 0, start: Run | None = Non
                     lambda tok: _make_eval(run, profile, tok, harmful_eval, benign_eval, seed, with_defense_reward=True),
                     seed, neutralization_stop(settings))
     stops = pipeline.read_jsonl(run.path / "stop.jsonl")
-    last = run.evals()[-1]
+    evals = run.evals()
+    window = [e["defense_reward"] for e in evals[-settings.plateau_window:]]
     reason = stops[-1]["reason"] if stops else (
-        f"max_steps ({settings.max_steps}) reached before neutralization: index {last['neutralization_index']:.2f}, "
-        f"defensive reward {last['defense_reward']:.3f}")
+        f"max_steps ({settings.max_steps}) reached before the stop rule held: neutralization index "
+        f"{evals[-1]['neutralization_index']:.2f} (target {settings.target_neutralization}), defensive reward "
+        f"{window[-1]:.3f} moved {max(window) - min(window):.3f} over the last {len(window)} evaluations "
+        f"(plateau tolerance {settings.plateau_tolerance})")
     return _finish_defense(run, profile, start, trainer, reason)
 
 
