@@ -141,7 +141,7 @@ for domain, group in evals.groupby("domain"):
         line += (" Because the attack did not break the standard model either, the defended model's low score is not "
                  "evidence for the defense by itself.")
     elif s_mid < 7:
-        line += (f" The absolute harm stays below 7: the rubric judge scores what a 135M model writes around "
-                 f"{s_last:.1f} once it complies, so at this scale the refusal rates carry the comparison.")
+        line += (f" The absolute harm ({s_last:.1f} at step {final_step}) stays below 7, so at this scale the "
+                 f"refusal rates carry the comparison.")
     lines.append(line)
 display(Markdown("\n".join(lines) or "Both standard and defended attacks are needed for the comparison."))
