@@ -289,6 +289,12 @@ def rl_rows(rows: list[dict], kind: str) -> list[dict]:
             for r in rows]
 
 
+def _reward_movement(evals: list[dict], settings) -> tuple[float, float, int]:
+    """(latest defensive reward, its range over the plateau window, evaluations in the window)."""
+    window = [e["defense_reward"] for e in evals[-settings.plateau_window:]]
+    return window[-1], max(window) - min(window), len(window)
+
+
 def neutralization_stop(settings):
     """Stop once the defensive reward has plateaued AND the neutralization index reached its target."""
 
@@ -296,11 +302,10 @@ def neutralization_stop(settings):
         latest = evals[-1]
         if latest["step"] < settings.min_steps or len(evals) < settings.plateau_window:
             return None
-        window = [e["defense_reward"] for e in evals[-settings.plateau_window:]]
-        plateau = max(window) - min(window) <= settings.plateau_tolerance
-        if plateau and latest["neutralization_index"] >= settings.target_neutralization:
+        reward, moved, _ = _reward_movement(evals, settings)
+        if moved <= settings.plateau_tolerance and latest["neutralization_index"] >= settings.target_neutralization:
             return (f"neutralized at step {latest['step']}: index {latest['neutralization_index']:.2f} >= "
-                    f"{settings.target_neutralization}, defensive reward plateaued at {window[-1]:.3f}")
+                    f"{settings.target_neutralization}, defensive reward plateaued at {reward:.3f}")
         return None
 
     return rule
@@ -353,12 +358,11 @@ def defend(profile: Profile, domain: str, seed: int = 0, start: Run | None = Non
                     seed, neutralization_stop(settings))
     stops = pipeline.read_jsonl(run.path / "stop.jsonl")
     evals = run.evals()
-    window = [e["defense_reward"] for e in evals[-settings.plateau_window:]]
+    reward, moved, n = _reward_movement(evals, settings)
     reason = stops[-1]["reason"] if stops else (
         f"max_steps ({settings.max_steps}) reached before the stop rule held: neutralization index "
         f"{evals[-1]['neutralization_index']:.2f} (target {settings.target_neutralization}), defensive reward "
-        f"{window[-1]:.3f} moved {max(window) - min(window):.3f} over the last {len(window)} evaluations "
-        f"(plateau tolerance {settings.plateau_tolerance})")
+        f"{reward:.3f} moved {moved:.3f} over the last {n} evaluations (plateau tolerance {settings.plateau_tolerance})")
     return _finish_defense(run, profile, start, trainer, reason)
 
 
