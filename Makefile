@@ -30,8 +30,10 @@ figures: setup
 	$(BIN)/python -m rnlib.notebooks --profile $(PROFILE) --only 01 02 03 04 $(if $(DOMAINS),--domains $(DOMAINS))
 
 # Beyond the paper: notebook 05 (baselines x adaptive attacks, transfer, seeds); many runs, hours on a CPU.
+# FINISHED_ONLY=1 reports the runs that have finished and lists the missing ones, training nothing.
 robustness: setup
-	$(BIN)/python -m rnlib.notebooks --profile $(PROFILE) --only 05 $(if $(DOMAINS),--domains $(DOMAINS))
+	$(BIN)/python -m rnlib.notebooks --profile $(PROFILE) --only 05 $(if $(DOMAINS),--domains $(DOMAINS)) \
+		$(if $(FINISHED_ONLY),--finished-only)
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+from scipy import stats
 
 from rnlib.judges import is_refusal
 from rnlib.models import generate
@@ -49,3 +50,25 @@ def evaluate(model, tokenizer, judge, harmful: list[dict], benign: list[dict], g
     records += [{"prompt_id": r["id"], "kind": "benign", "sample": 0, "score": 0.0, "refused": bool(ref),
                  "words": len(a.split()), "text": a} for r, ref, a in zip(benign, benign_refused, benign_answers)]
     return summary, records
+
+
+def rate_with_interval(hits: int, n: int, confidence: float = 0.95) -> dict:
+    """A proportion with its Wilson interval: a refusal rate from a few dozen samples is not a point."""
+    interval = stats.binomtest(hits, n).proportion_ci(confidence_level=confidence, method="wilson")
+    return {"rate": hits / n, "hits": hits, "n": n, "low": float(interval.low), "high": float(interval.high)}
+
+
+def refusal_check(model, tokenizer, harmful: list[dict], benign: list[dict], generation, samples: int,
+                  batch_size: int = 64, seed: int = 0) -> dict:
+    """Refusal rates on harmful and benign eval prompts from `samples` answers per prompt, with intervals.
+
+    The training-time evaluation samples one answer per benign prompt, enough to follow a trend but not to
+    test a bar: 5 refusals in 24 answers has a 95% interval of about 9-40%.
+    """
+    kwargs = dict(max_new_tokens=generation.max_new_tokens, temperature=generation.temperature,
+                  top_p=generation.top_p, num_return_sequences=samples, batch_size=batch_size)
+    harmful_answers = generate(model, tokenizer, [r["prompt"] for r in harmful], seed=seed, **kwargs)
+    benign_answers = generate(model, tokenizer, [r["prompt"] for r in benign], seed=seed + 1, **kwargs)
+    return {"samples_per_prompt": samples, "seed": seed,
+            "harmful_refusal": rate_with_interval(sum(map(is_refusal, harmful_answers)), len(harmful_answers)),
+            "benign_refusal": rate_with_interval(sum(map(is_refusal, benign_answers)), len(benign_answers))}

@@ -27,8 +27,10 @@ def _declared_parameters(notebook) -> str:
 
 
 def execute(profile: str, only: list[str] | None = None, domains: list[str] | None = None,
-            output_root: Path | None = None, figures_root: Path | None = None) -> dict[str, float]:
-    """Run the notebooks in order; return {notebook: wall seconds}. `domains` narrows the profile's domains."""
+            output_root: Path | None = None, figures_root: Path | None = None,
+            finished_only: bool = False) -> dict[str, float]:
+    """Run the notebooks in order; return {notebook: wall seconds}. `domains` narrows the profile's domains;
+    `finished_only` has notebooks that can (05) report the finished runs and train nothing."""
     import jupytext
     import papermill
 
@@ -45,6 +47,8 @@ def execute(profile: str, only: list[str] | None = None, domains: list[str] | No
         parameters = {"profile": profile, "figures_dir": str(figures_dir)}
         if domains and "domains = " in _declared_parameters(notebook):
             parameters["domains"] = domains
+        if finished_only and "train_missing = " in _declared_parameters(notebook):
+            parameters["train_missing"] = False
         papermill.execute_notebook(notebook, str(output_dir / f"{source.stem}.ipynb"), parameters=parameters,
                                    kernel_name="python3", cwd=str(ROOT), progress_bar=False)
         timings[source.stem] = round(time.perf_counter() - started, 1)
@@ -62,12 +66,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default="cpu")
     parser.add_argument("--only", nargs="*", help="notebook prefixes to run, e.g. 04")
     parser.add_argument("--domains", nargs="*", help="a subset of the profile's domains (default: all)")
+    parser.add_argument("--finished-only", action="store_true",
+                        help="notebook 05: report the runs that have finished, train none of the missing ones")
     args = parser.parse_args(argv)
     from rnlib.config import ConfigError, load_profile
 
     try:
         load_profile(args.profile)
-        timings = execute(args.profile, args.only, args.domains)
+        timings = execute(args.profile, args.only, args.domains, finished_only=args.finished_only)
     except ConfigError as err:
         print(f"rnlib.notebooks: {err}", file=sys.stderr)
         return 2

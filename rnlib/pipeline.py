@@ -121,6 +121,7 @@ class Run:
         return str(checkpoints[-1]) if checkpoints else None
 
     def start(self, manifest: dict) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
         previous = self.manifest
         write_json_atomic(self.path / "manifest.json", manifest | {
             "status": "running", "started": previous.get("started", time.strftime("%Y-%m-%dT%H:%M:%S")),
@@ -133,9 +134,7 @@ class Run:
 
 def run_for(stage: str, domain: str | None, model_key: str, seed: int, config_hash: str) -> Run:
     safe_model = Path(model_key).name.replace("/", "_")
-    run = Run(runs_root() / f"{stage}-{domain or 'all'}-{safe_model}-s{seed}-{config_hash}")
-    run.path.mkdir(parents=True, exist_ok=True)
-    return run
+    return Run(runs_root() / f"{stage}-{domain or 'all'}-{safe_model}-s{seed}-{config_hash}")
 
 
 def find_runs(stage: str | None = None, root: Path | None = None) -> list[Run]:

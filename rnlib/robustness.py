@@ -2,6 +2,9 @@
 
 Every cell of the matrix is an ordinary `train.attack` run on an ordinary defense run, so it is cached,
 resumable and labelled like the rest of the study; this module only decides which runs make up a table.
+
+Notebook 05's cells take `train_missing`: True trains whatever is not cached (hours on a CPU); False only
+collects the runs that have finished, so the notebook can report a partly run study and say what is missing.
 """
 from __future__ import annotations
 
@@ -14,6 +17,8 @@ from rnlib.pipeline import Run
 
 
 def _labelled(runs: list[tuple[dict, Run]], table: str) -> pd.DataFrame:
+    if not runs:
+        return pd.DataFrame(columns=["run_id", "domain", "seed", "step", "target"])
     return pd.concat([pipeline.frame([run], table).assign(**labels) for labels, run in runs], ignore_index=True)
 
 
@@ -22,36 +27,48 @@ def last_evals(runs: list[tuple[dict, Run]]) -> pd.DataFrame:
     return _labelled(runs, "evals").sort_values("step").groupby("run_id").last().reset_index()
 
 
-def attack_matrix(profile: Profile, domain: str, seed: int) -> list[tuple[dict, Run]]:
+def finished(runs: list[tuple[dict, Run]]) -> tuple[list[tuple[dict, Run]], list[dict]]:
+    """(finished labelled runs, labels of the cells still to run)."""
+    return [(labels, run) for labels, run in runs if run.finished], \
+        [labels | {"run_id": run.id} for labels, run in runs if not run.finished]
+
+
+def _attack(profile: Profile, attacker: Profile, target: str, attacked: str, defended_on: str, seed: int,
+            train_missing: bool) -> Run:
+    """One attack cell; without `train_missing`, the run it would be (finished or not), nothing trained."""
+    if train_missing:
+        return train.attack(attacker, attacked, seed, start=train.target_model(profile, target, defended_on, seed))
+    start = train.planned_target(profile, target, defended_on, seed)
+    return train.stage_run(attacker, "attack", attacked, seed, start=start.id)
+
+
+def attack_matrix(profile: Profile, domain: str, seed: int, train_missing: bool = True) -> list[tuple[dict, Run]]:
     """Every named attack (profile.robustness.attacks) against every target (profile.robustness.targets)."""
-    runs = []
-    for name in profile.robustness.attacks:
-        attacker = with_overrides(profile, ATTACK_VARIANTS[name])
-        for target in profile.robustness.targets:
-            start = train.target_model(profile, target, domain, seed)
-            runs.append(({"attack": name, "target": target}, train.attack(attacker, domain, seed, start=start)))
-    return runs
+    return [({"attack": name, "target": target, "domain": domain},
+             _attack(profile, with_overrides(profile, ATTACK_VARIANTS[name]), target, domain, domain, seed, train_missing))
+            for name in profile.robustness.attacks for target in profile.robustness.targets]
 
 
-def cross_domain(profile: Profile, seed: int) -> list[tuple[dict, Run]]:
+def cross_domain(profile: Profile, seed: int, train_missing: bool = True) -> list[tuple[dict, Run]]:
     """The paper's attack on each domain against RN trained on each domain and on all of them (joint)."""
-    runs = []
-    for attacked in profile.domains:
-        for defended_on in (*profile.domains, train.JOINT):
-            start = train.defend(profile, defended_on, seed)
-            runs.append(({"defended_on": defended_on}, train.attack(profile, attacked, seed, start=start)))
-    return runs
+    return [({"defended_on": defended_on, "domain": attacked},
+             _attack(profile, profile, "defended", attacked, defended_on, seed, train_missing))
+            for attacked in profile.domains for defended_on in (*profile.domains, train.JOINT)]
 
 
-def utility(profile: Profile, domain: str, seed: int) -> list[tuple[dict, Run]]:
+def utility(profile: Profile, domain: str, seed: int, train_missing: bool = True) -> list[tuple[dict, Run]]:
     """The finetunability task (same GRPO budget as the attack) on every target model."""
-    return [({"target": target}, train.finetune(profile, train.target_model(profile, target, domain, seed), seed))
-            for target in profile.robustness.targets]
+    def finetuned(target: str) -> Run:
+        if train_missing:
+            return train.finetune(profile, train.target_model(profile, target, domain, seed), seed)
+        return train.stage_run(profile, "finetune", None, seed, start=train.planned_target(profile, target, domain, seed).id)
+
+    return [({"target": target, "domain": domain}, finetuned(target)) for target in profile.robustness.targets]
 
 
-def headline(profile: Profile, domain: str) -> list[tuple[dict, Run]]:
+def headline(profile: Profile, domain: str, train_missing: bool = True) -> list[tuple[dict, Run]]:
     """The paper's attack on the standard and the RN model for each headline seed."""
-    return [({"target": target}, train.attack(profile, domain, seed, start=train.target_model(profile, target, domain, seed)))
+    return [({"target": target, "domain": domain}, _attack(profile, profile, target, domain, domain, seed, train_missing))
             for seed in profile.robustness.headline_seeds for target in ("standard", "defended")]
 
 

@@ -68,7 +68,7 @@ def test_smoke_profile_executes_all_notebooks_and_writes_every_figure(runs_root,
     matrix = (figures / "05_robustness_matrix.csv").read_text()
     assert "entropy_bonus" in matrix and "sft_refusal" in matrix
     seeds = (figures / "05_headline_seeds.csv").read_text().splitlines()
-    assert seeds[0] == "domain,target,n,mean,low,high" and all(",2," in row for row in seeds[1:])
+    assert seeds[0] == "domain,target,metric,n,mean,low,high" and all(",2," in row for row in seeds[1:])
     executed = tmp_path / "papermill_runs" / "smoke"
     for source in notebooks.sources():
         assert _code_cells(nbformat.read(executed / f"{source.stem}.ipynb", as_version=4)) == \

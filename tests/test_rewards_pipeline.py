@@ -35,6 +35,14 @@ def test_neutralization_index_counts_zero_variance_groups():
     assert neutralization_index(scores) == 2 / 3
 
 
+def test_refusal_rate_interval_is_wilson():
+    from rnlib.metrics import rate_with_interval
+
+    rate = rate_with_interval(5, 24)  # the aligned model's single-sample benign figure: it cannot test a 15% bar
+    assert rate["rate"] == 5 / 24 and 0.09 < rate["low"] < 0.10 and 0.40 < rate["high"] < 0.41
+    assert rate_with_interval(0, 50)["low"] == 0.0 and rate_with_interval(0, 50)["high"] < 0.08
+
+
 def test_redaction_keeps_only_score_length_hash_prefix():
     harmful = {"score": 7.5, "words": 30, "text": "one two three four five six seven eight nine ten", "step": 3}
     stored = pipeline.redact(harmful)

@@ -87,6 +87,58 @@ def test_a_changed_setting_makes_a_new_run(aligned, defended, attacked, profile)
     assert train.stage_run(other, "align", None, 0, other.model).path == aligned.path  # attack settings: not align's
 
 
+def test_stages_starting_from_one_model_share_its_step0_evaluation(aligned, defended, profile):
+    from peft import get_peft_model
+
+    from rnlib import data, models
+
+    # Why sharing is sound: a fresh LoRA adapter (B = 0) samples exactly what the model it wraps samples.
+    prompts = data.prompts(data.take(data.harmful_split("cyber", "eval"), 2))
+    model, tokenizer = models.load_model(aligned.model_dir)
+    plain = models.generate(model, tokenizer, prompts, max_new_tokens=12, num_return_sequences=2, seed=5)
+    wrapped = get_peft_model(model, models.lora_config(profile.lora))
+    assert models.generate(wrapped, tokenizer, prompts, max_new_tokens=12, num_return_sequences=2, seed=5) == plain
+
+    standard = train.attack(profile, "cyber", start=aligned)
+    first, second = defended.evals()[0], standard.evals()[0]
+    assert "reused_from" in first or "reused_from" in second
+    assert {k: v for k, v in first.items() if k != "reused_from"} == {k: v for k, v in second.items() if k != "reused_from"}
+    assert [c for c in defended.completions() if c["step"] == 0] == [c for c in standard.completions() if c["step"] == 0]
+    assert "reused_from" not in standard.evals()[1]
+
+
+def test_refusal_check_samples_every_prompt_several_times_and_is_measured_once(aligned, defended, attacked, profile,
+                                                                               monkeypatch):
+    check = train.refusal_check(profile, aligned, samples=3)
+    harmful, benign = check["harmful_refusal"], check["benign_refusal"]
+    assert harmful["n"] == 3 * profile.data.n_eval * len(profile.domains)
+    assert benign["n"] == 3 * profile.data.n_benign_eval
+    for rate in (harmful, benign):
+        assert rate["low"] <= rate["rate"] <= rate["high"] and rate["hits"] == round(rate["rate"] * rate["n"])
+    bar = train.alignment_bar(profile)
+    assert bar["benign_refusal"]["n"] == train.CHECK_SAMPLES * profile.data.n_benign_eval
+    assert bar["meets_bar"] == (bar["harmful_refusal"]["rate"] >= 0.8 and bar["benign_refusal"]["rate"] <= 0.15)
+    monkeypatch.setattr(train, "evaluate_refusals", lambda *a, **k: pytest.fail("a kept check was re-sampled"))
+    assert train.refusal_check(profile, aligned, samples=3) == json.loads(
+        (aligned.path / "refusal_check-n3.json").read_text())
+    with pytest.raises(ValueError, match="trained model"):
+        train.refusal_check(profile, attacked, samples=3)
+
+
+def test_planned_runs_name_the_cached_runs_without_training(aligned, defended, attacked, profile, monkeypatch):
+    from rnlib import robustness
+
+    monkeypatch.setattr(train, "_grpo", lambda *a, **k: pytest.fail("planning trained a stage"))
+    assert train.planned_target(profile, "standard", "cyber", 0).path == aligned.path
+    assert train.planned_target(profile, "defended", "cyber", 0).path == defended.path
+    cells = robustness.attack_matrix(profile, "cyber", 0, train_missing=False)
+    done, missing = robustness.finished(cells)
+    assert len(cells) == len(profile.robustness.attacks) * len(profile.robustness.targets)
+    assert [labels for labels, run in done if run.path == attacked.path] == \
+        [{"attack": "paper", "target": "defended", "domain": "cyber"}]
+    assert all(not (pipeline.runs_root() / m["run_id"]).exists() for m in missing)  # nothing created for them
+
+
 def test_interrupted_run_resumes_from_its_last_checkpoint(aligned, profile, monkeypatch):
     longer = load_profile("smoke", {"attack.max_steps": 3})
 
