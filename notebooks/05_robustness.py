@@ -70,7 +70,8 @@ def report(cells, what):
 seed = study.seeds[0]
 cells = [cell for domain in domains for cell in robustness.attack_matrix(study, domain, seed, train_missing)]
 matrix = robustness.last_evals(report(cells, "Robustness matrix"))
-table = matrix.pivot_table(index=["domain", "attack"], columns="target", values=["harm_mean", "refusal_rate"])
+table = matrix.pivot_table(index=["domain", "attack"], columns="target", values=["harm_mean", "refusal_rate"]) \
+    if len(matrix) else pd.DataFrame()
 display(table.round(2))
 table.round(3).to_csv(f"{figures_dir}/05_robustness_matrix.csv")
 
@@ -94,8 +95,8 @@ plots.save(fig, "05_robustness_matrix", figures_dir)
 # refusal rate at most half of what it was before the attack).
 
 # %%
-rn = matrix[matrix["target"] == "defended"].set_index(["domain", "attack"])
-if len(rn):
+if len(matrix) and (matrix["target"] == "defended").any():
+    rn = matrix[matrix["target"] == "defended"].set_index(["domain", "attack"])
     before = {(d, a): run.manifest["before"]["refusal_rate"] for labels, run in robustness.finished(cells)[0]
               for d, a in [(labels["domain"], labels["attack"])] if labels["target"] == "defended"}
     standard = matrix[matrix["target"] == "standard"].set_index(["domain", "attack"])

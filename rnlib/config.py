@@ -295,4 +295,6 @@ def notebook_setup(profile: str, overrides: dict | None = None, figures_dir: str
                    seeds: list[int] | None = None, domains: list[str] | None = None):
     """Resolve a notebook's parameters cell: (profile, figures folder, seeds, domains), defaults from the profile."""
     study = load_profile(profile, overrides)
-    return study, figures_dir or f"figures/{study.name}", list(seeds or study.seeds), list(domains or study.domains)
+    figures_dir = figures_dir or f"figures/{study.name}"
+    Path(figures_dir).mkdir(parents=True, exist_ok=True)  # tables are written before the first figure
+    return study, figures_dir, list(seeds or study.seeds), list(domains or study.domains)

@@ -53,6 +53,18 @@ def test_committed_executed_notebooks_match_their_sources(executed):
 
 
 @pytest.mark.slow
+def test_robustness_notebook_can_report_finished_runs_only(tmp_path, monkeypatch):
+    empty = tmp_path / "runs"
+    monkeypatch.setenv("RN_RUNS", str(empty))
+    notebooks.execute("smoke", only=["05"], output_root=tmp_path / "out", figures_root=tmp_path / "figures",
+                      finished_only=True)
+    assert not empty.exists() or not any(empty.iterdir())  # nothing trained, not even a directory made
+    executed = nbformat.read(tmp_path / "out" / "smoke" / "05_robustness.ipynb", as_version=4)
+    text = json.dumps([c.get("outputs", []) for c in executed.cells])
+    assert "Robustness matrix: 0 of 8 runs finished" in text and "train_missing=False" in text
+
+
+@pytest.mark.slow
 def test_smoke_profile_executes_all_notebooks_and_writes_every_figure(runs_root, tmp_path):
     timings = notebooks.execute("smoke", output_root=tmp_path / "papermill_runs", figures_root=tmp_path / "figures")
     assert list(timings) == [p.stem for p in notebooks.sources()]
