@@ -118,22 +118,12 @@ else:
 # takes one), with a 95% Wilson interval, so that a 15% bar can be told from noise.
 
 # %%
-models = [(target, domain, train.target_model(study, target, domain, seed) if train_missing else
-           train.planned_target(study, target, domain, seed)) for domain in domains for target in settings.targets]
-checks = pd.DataFrame([{"target": target, "domain": domain, **{f"{kind} {k}": v for kind in ("benign", "harmful")
-                        for k, v in train.refusal_check(study, run)[f"{kind}_refusal"].items()}}
-                       for target, domain, run in models if run.finished])
+models = [({"target": target, "domain": domain}, train.target_model(study, target, domain, seed) if train_missing
+           else train.planned_target(study, target, domain, seed)) for domain in domains for target in settings.targets]
+checks = train.refusal_checks(study, [(labels, run) for labels, run in models if run.finished])
 display(checks.round(3))
 if len(checks):
-    fig, ax = plots.plt.subplots(figsize=(1.4 * len(settings.targets) + 2.5, 3.4))
-    plots.sns.barplot(data=checks, x="target", y="benign rate", hue="domain", ax=ax, errorbar=None)
-    for bar, (_, row) in zip(ax.patches, checks.sort_values(["domain"], kind="stable").iterrows()):
-        x = bar.get_x() + bar.get_width() / 2
-        ax.errorbar(x, row["benign rate"], yerr=[[row["benign rate"] - row["benign low"]],
-                                                 [row["benign high"] - row["benign rate"]]], color="black", capsize=3)
-    ax.axhline(0.15, ls="--", color="grey", lw=1)
-    ax.set(ylabel="benign refusal rate (95% CI)", xlabel="", ylim=(0, 1))
-    plots.save(fig, "05_over_refusal", figures_dir)
+    plots.save(plots.rate_bars(checks, x="target", hue="domain", bar=0.15), "05_over_refusal", figures_dir)
 
 # %% [markdown]
 # ## Finetunability: can each model still learn a benign task?

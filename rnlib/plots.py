@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")  # headless under papermill; notebooks still show the figure inline via display()
 import matplotlib.pyplot as plt  # noqa: E402
@@ -50,4 +51,24 @@ def curves(data, y: str, ylabel: str, band: str | None = None, col: str = "domai
             ax.set_ylim(*ylim)
         ax.legend(fontsize=8, title="band: sd over seeds" if data["seed"].nunique() > 1 else
                   (f"band: {band}" if band else None), title_fontsize=7)
+    return fig
+
+
+def rate_bars(checks, x: str, hue: str, kind: str = "benign", bar: float | None = None):
+    """Refusal rates from `train.refusal_checks` as grouped bars with their 95% intervals (seaborn's barplot
+    cannot draw precomputed intervals); `bar` draws a dashed line at a target rate."""
+    categories, levels = list(dict.fromkeys(checks[x])), list(dict.fromkeys(checks[hue]))
+    width = 0.8 / len(levels)
+    fig, ax = plt.subplots(figsize=(1.2 * len(categories) * max(1, len(levels) / 2) + 2.5, 3.4))
+    for j, level in enumerate(levels):
+        rows = checks[checks[hue] == level].set_index(x).reindex(categories)
+        rate, low, high = rows[f"{kind} rate"], rows[f"{kind} low"], rows[f"{kind} high"]
+        positions = np.arange(len(categories)) - 0.4 + width * (j + 0.5)
+        ax.bar(positions, rate, width, label=str(level))
+        ax.errorbar(positions, rate, yerr=[rate - low, high - rate], fmt="none", color="black", capsize=3)
+    if bar is not None:
+        ax.axhline(bar, ls="--", color="grey", lw=1)
+    ax.set_xticks(range(len(categories)), categories)
+    ax.set(ylabel=f"{kind} refusal rate (95% CI)", xlabel="", ylim=(0, 1))
+    ax.legend(title=hue, fontsize=8, title_fontsize=8)
     return fig
