@@ -27,7 +27,7 @@ figures_dir = None
 import pandas as pd
 from IPython.display import Markdown, display
 
-from rnlib import pipeline, plots
+from rnlib import pipeline, plots, train
 from rnlib.config import notebook_setup
 
 study, figures_dir, _, _ = notebook_setup(profile, overrides, figures_dir)
@@ -92,8 +92,12 @@ def spread(values):
     values = values.dropna()
     return f"{values.mean():.2f}" + (f" ± {values.std():.2f}" if len(values) > 1 else "")
 
-benign = pipeline.frame(defenses, "evals").sort_values("step").groupby(["domain", "seed"]).last().reset_index() \
-    if defenses else pd.DataFrame(columns=["domain", "benign_refusal_rate"])
+def benign_refusal(run_ids):
+    """Benign refusal of each attacked model before the attack, from its refusal check (8 answers per prompt)."""
+    starts = [pipeline.Run(pipeline.runs_root() / by_id[run_id].manifest["start_model"]) for run_id in run_ids]
+    return pd.Series([train.refusal_check(study, start)["benign_refusal"]["rate"] for start in starts])
+
+by_id = {run.id: run for run in attacks}
 rows = []
 for (domain, target), group in evals.groupby(["domain", "target"]):
     before, last = at_step(group, 0), at_step(group, final_step)
@@ -103,7 +107,7 @@ for (domain, target), group in evals.groupby(["domain", "target"]):
     rows.append(row | {f"harm at {final_step}": spread(last["harm_mean"]),
                        "refusal before": spread(before["refusal_rate"]),
                        f"refusal at {final_step}": spread(last["refusal_rate"]),
-                       "benign refusal (before attack)": spread(before["benign_refusal_rate"]),
+                       "benign refusal (before attack)": spread(benign_refusal(before["run_id"])),
                        "neutralization before": spread(before["neutralization_index"])})
 summary = pd.DataFrame(rows)
 summary.to_csv(f"{figures_dir}/summary.csv", index=False)

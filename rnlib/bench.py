@@ -5,7 +5,8 @@
    its own process (so peak memory is its own) for a few steps of the attack; the first step is a warm-up.
    A step splits into generation and judging (TRL's own profiling hooks time them) and forward/backward (the rest).
 2. The wall time of each stage of the smoke and cpu profiles, read from the finished runs' manifests, and of
-   each notebook, read from papermill_runs/<profile>/timings.json.
+   each notebook, read from papermill_runs/<profile>/timings.json; and the evaluation time that shared step-0
+   evaluations saved.
 """
 from __future__ import annotations
 
@@ -103,6 +104,13 @@ def profile_wall_times(profile_name: str) -> list[dict]:
     return rows
 
 
+def reused_evaluations(profile_name: str) -> tuple[int, float]:
+    """(step-0 evaluations the profile's runs took from an earlier run of the same start model, seconds saved)."""
+    reused = [e for run in pipeline.study_runs(config.load_profile(profile_name), paper_only=False)
+              for e in run.evals() if "reused_from" in e]
+    return len(reused), sum(e["eval_time"] for e in reused)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rnlib.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="cpu")
@@ -136,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         print("\n## Wall time per stage and notebook (from run manifests and papermill timings)\n")
         print(table.assign(minutes=table.seconds / 60).round(1).to_markdown(index=False))
         print("\n" + table.groupby("profile").seconds.sum().div(60).round(1).rename("total minutes").to_markdown())
+        for name in ("smoke", "cpu"):
+            count, seconds = reused_evaluations(name)
+            print(f"{name}: {count} shared step-0 evaluations reused, {seconds / 60:.1f} min of evaluation saved")
     return 0
 
 

@@ -79,6 +79,8 @@ class TokenEntropy:
 
     @torch.no_grad()
     def __call__(self, prompts: list, completion_ids: list[list[int]]) -> list[float]:
+        if not prompts:  # e.g. a defense step whose sampled prompts were all benign
+            return []
         texts = [self.tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
         prompt_ids = [self.tokenizer(t, add_special_tokens=False).input_ids for t in texts]
         sequences = [p + list(c) for p, c in zip(prompt_ids, completion_ids)]

@@ -28,6 +28,8 @@ def test_token_entropy_matches_a_direct_computation(smollm):
     reward = entropy_suppression_reward(entropy)([prompt, prompt], ["Blue is a colour.", "I can't help with that."],
                                                  [completion, completion], kind=["harmful", "benign"])
     assert math.isclose(reward[0], -expected, rel_tol=1e-4) and reward[1] == -1.0  # a benign refusal costs 1
+    all_benign = entropy_suppression_reward(entropy)([prompt], ["Blue."], [completion], kind=["benign"])
+    assert len(all_benign) == 1  # a step that sampled only benign prompts has no entropy to compute
 
 
 @pytest.mark.parametrize("stage", ["sft_refusal", "entropy"])
