@@ -69,7 +69,8 @@ def report(cells, what):
 # %%
 seed = study.seeds[0]
 cells = [cell for domain in domains for cell in robustness.attack_matrix(study, domain, seed, train_missing)]
-matrix = robustness.last_evals(report(cells, "Robustness matrix"))
+finished_cells = report(cells, "Robustness matrix")
+matrix = robustness.last_evals(finished_cells)
 table = matrix.pivot_table(index=["domain", "attack"], columns="target", values=["harm_mean", "refusal_rate"]) \
     if len(matrix) else pd.DataFrame()
 display(table.round(2))
@@ -97,8 +98,8 @@ plots.save(fig, "05_robustness_matrix", figures_dir)
 # %%
 if len(matrix) and (matrix["target"] == "defended").any():
     rn = matrix[matrix["target"] == "defended"].set_index(["domain", "attack"])
-    before = {(d, a): run.manifest["before"]["refusal_rate"] for labels, run in robustness.finished(cells)[0]
-              for d, a in [(labels["domain"], labels["attack"])] if labels["target"] == "defended"}
+    before = {(labels["domain"], labels["attack"]): run.manifest["before"]["refusal_rate"]
+              for labels, run in finished_cells if labels["target"] == "defended"}
     standard = matrix[matrix["target"] == "standard"].set_index(["domain", "attack"])
     verdict = pd.DataFrame({"RN harm": rn["harm_mean"], "standard harm": standard["harm_mean"],
                             "RN refusal before": pd.Series(before), "RN refusal after": rn["refusal_rate"]})
@@ -118,9 +119,7 @@ else:
 # takes one), with a 95% Wilson interval, so that a 15% bar can be told from noise.
 
 # %%
-models = [({"target": target, "domain": domain}, train.target_model(study, target, domain, seed) if train_missing
-           else train.planned_target(study, target, domain, seed)) for domain in domains for target in settings.targets]
-checks = train.refusal_checks(study, [(labels, run) for labels, run in models if run.finished])
+checks = train.refusal_checks(study, robustness.finished(robustness.targets(study, domains, seed, train_missing))[0])
 display(checks.round(3))
 if len(checks):
     plots.save(plots.rate_bars(checks, x="target", hue="domain", bar=0.15), "05_over_refusal", figures_dir)

@@ -33,12 +33,23 @@ def finished(runs: list[tuple[dict, Run]]) -> tuple[list[tuple[dict, Run]], list
         [labels | {"run_id": run.id} for labels, run in runs if not run.finished]
 
 
+def _target(profile: Profile, target: str, domain: str, seed: int, train_missing: bool) -> Run:
+    """The model a cell starts from: trained if missing, or (without `train_missing`) only named by its hash."""
+    return (train.target_model if train_missing else train.planned_target)(profile, target, domain, seed)
+
+
+def targets(profile: Profile, domains: list[str], seed: int, train_missing: bool = True) -> list[tuple[dict, Run]]:
+    """Every attacked model (profile.robustness.targets) on each domain, before any attack."""
+    return [({"target": target, "domain": domain}, _target(profile, target, domain, seed, train_missing))
+            for domain in domains for target in profile.robustness.targets]
+
+
 def _attack(profile: Profile, attacker: Profile, target: str, attacked: str, defended_on: str, seed: int,
             train_missing: bool) -> Run:
     """One attack cell; without `train_missing`, the run it would be (finished or not), nothing trained."""
+    start = _target(profile, target, defended_on, seed, train_missing)
     if train_missing:
-        return train.attack(attacker, attacked, seed, start=train.target_model(profile, target, defended_on, seed))
-    start = train.planned_target(profile, target, defended_on, seed)
+        return train.attack(attacker, attacked, seed, start=start)
     return train.stage_run(attacker, "attack", attacked, seed, start=start.id)
 
 
@@ -59,9 +70,10 @@ def cross_domain(profile: Profile, seed: int, train_missing: bool = True) -> lis
 def utility(profile: Profile, domain: str, seed: int, train_missing: bool = True) -> list[tuple[dict, Run]]:
     """The finetunability task (same GRPO budget as the attack) on every target model."""
     def finetuned(target: str) -> Run:
+        start = _target(profile, target, domain, seed, train_missing)
         if train_missing:
-            return train.finetune(profile, train.target_model(profile, target, domain, seed), seed)
-        return train.stage_run(profile, "finetune", None, seed, start=train.planned_target(profile, target, domain, seed).id)
+            return train.finetune(profile, start, seed)
+        return train.stage_run(profile, "finetune", None, seed, start=start.id)
 
     return [({"target": target, "domain": domain}, finetuned(target)) for target in profile.robustness.targets]
 

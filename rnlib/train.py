@@ -279,8 +279,8 @@ def refusal_check(profile: Profile, run: Run, samples: int = CHECK_SAMPLES) -> d
     harmful, benign = _eval_sets(profile, tuple(profile.domains) if domain in (None, JOINT) else (domain,))
     model, tokenizer = models.load_model(run.model_dir, profile.quantize_4bit, profile.bf16)
     check = evaluate_refusals(model, tokenizer, harmful, benign, profile.generation, samples,
-                              profile.eval.batch_size, seed=run.manifest["seed"] + 2000)
-    pipeline.write_json_atomic(file, check | {"model_dir": run.model_dir})
+                              profile.eval.batch_size, seed=run.manifest["seed"] + 2000) | {"model_dir": run.model_dir}
+    pipeline.write_json_atomic(file, check)
     return check
 
 
