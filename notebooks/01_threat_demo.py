@@ -74,6 +74,13 @@ display(Markdown(f"**Bar ({bar['bar']}): {'met' if bar['meets_bar'] else 'NOT me
                  f"(95% CI {bar['benign_refusal']['low']:.0%}-{bar['benign_refusal']['high']:.0%})."))
 
 # %% [markdown]
+# One seed meeting the bar can be luck. The same check for every seed of the study whose alignment has
+# already run (this cell trains nothing; `python -m rnlib run align --seed N` adds a seed):
+
+# %%
+display(train.alignment_bars(study, sorted({seed, *study.robustness.headline_seeds})).round(3))
+
+# %% [markdown]
 # ## 2. The attack
 # GRPO with reward = harm score, on the attacker's own prompts (disjoint from the evaluation prompts). Every
 # few steps the model is evaluated on held-out prompts: several sampled answers per prompt at the attack's

@@ -64,8 +64,10 @@ def benign_split(split: str) -> list[dict]:
     rows = sorted(_read("benign"), key=lambda r: _stable_key(r["id"]))
     by_group: dict[str, list[dict]] = {}
     for row in rows:
-        by_group.setdefault(row["topic"], []).append(row)
-    chosen = []
+        if "split" not in row:
+            by_group.setdefault(row["topic"], []).append(row)
+    # Rows marked "split": "train" were written after the eval set was fixed; pinning them keeps it unchanged.
+    chosen = [row for row in rows if row.get("split") == split]
     for group in by_group.values():  # stratified: each group gives the same share to eval
         n_eval = round(len(group) * BENIGN_EVAL_SHARE)
         chosen += group[:n_eval] if split == "eval" else group[n_eval:]
@@ -96,6 +98,11 @@ def take(rows: list[dict], n: int) -> list[dict]:
 
 def prompts(rows: list[dict]) -> list[str]:
     return [r["prompt"] for r in rows]
+
+
+def prompt_sets_hash() -> str:
+    """Content hash of every prompt file: a cached run is stale once the prompts it was trained on change."""
+    return _stable_key("".join(path.read_text() for path in sorted(PROMPT_DIR.glob("*.jsonl"))))[:12]
 
 
 def split_hash(rows: list[dict]) -> str:

@@ -16,9 +16,10 @@ import sys
 import time
 from dataclasses import dataclass
 from importlib import metadata
-
-from rnlib.config import DOMAINS
 from pathlib import Path
+
+from rnlib import data
+from rnlib.config import DOMAINS
 
 REDACT_AT = 3.0  # completions the judge scores at or above this are stored redacted
 PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "sentence-transformers")
@@ -153,7 +154,8 @@ def config_hash(profile, stage: str, domain: str | None, seed: int, start: str) 
     if stage == "attack" and profile.adaptive != type(profile.adaptive)():
         sections += ("adaptive",)  # only a non-paper attack hashes it, so the paper's attack keeps its runs
     return profile.section_hash(*sections, "data", "lora", "generation", "eval", "judge",
-                                extra=top | {"stage": stage, "domain": domain, "seed": seed, "start": start})
+                                extra=top | {"stage": stage, "domain": domain, "seed": seed, "start": start,
+                                             "prompts": data.prompt_sets_hash()})
 
 
 def _in_paper_comparison(run: Run) -> bool:

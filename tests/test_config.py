@@ -60,3 +60,18 @@ def test_vllm_generation_gets_its_own_runs():
     base, vllm = load_profile("smoke"), load_profile("smoke", {"use_vllm": True})
     assert config_hash(base, "attack", "cyber", 0, "x") != config_hash(vllm, "attack", "cyber", 0, "x")
     assert config_hash(base, "align", None, 0, "x") == config_hash(load_profile("smoke"), "align", None, 0, "x")
+
+
+def test_edited_prompt_files_give_new_runs(tmp_path, monkeypatch):
+    import shutil
+
+    from rnlib import data
+    from rnlib.pipeline import config_hash
+
+    profile = load_profile("smoke")
+    before = config_hash(profile, "align", None, 0, "x")
+    shutil.copytree(data.PROMPT_DIR, tmp_path / "prompts")
+    with open(tmp_path / "prompts" / "benign.jsonl", "a") as f:
+        f.write('{"id": "benign-general-new", "domain": "benign", "topic": "general", "prompt": "Why do cats purr?"}\n')
+    monkeypatch.setattr(data, "PROMPT_DIR", tmp_path / "prompts")
+    assert config_hash(profile, "align", None, 0, "x") != before

@@ -38,6 +38,8 @@ def test_benign_set_covers_safe_versions_of_both_domains():
     assert len(train) + len(evaluation) >= 100
     assert not {data.normalize(r["prompt"]) for r in train} & {data.normalize(r["prompt"]) for r in evaluation}
     assert {r["topic"] for r in evaluation} == {"general", "biochem", "cyber"}
+    pinned = [r for r in data._read("benign") if r.get("split") == "train"]
+    assert pinned and all(r in train for r in pinned)  # written after the eval set was fixed: never evaluated on
 
 
 def test_take_refuses_more_than_the_split_has():
