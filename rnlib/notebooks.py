@@ -38,6 +38,7 @@ def execute(profile: str, only: list[str] | None = None, domains: list[str] | No
     figures_dir = (figures_root or ROOT / "figures") / profile
     output_dir.mkdir(parents=True, exist_ok=True)
     recorded = output_dir / "timings.json"  # a partial or interrupted run keeps the other notebooks' times
+    previous = json.loads(recorded.read_text()) if recorded.is_file() else {}
     timings = {}
     for source in sources():
         if only and not any(source.stem.startswith(prefix) for prefix in only):
@@ -54,7 +55,6 @@ def execute(profile: str, only: list[str] | None = None, domains: list[str] | No
                                    kernel_name="python3", cwd=str(ROOT), progress_bar=False)
         timings[source.stem] = round(time.perf_counter() - started, 1)
         print(f"[rnlib.notebooks] {source.stem} done in {timings[source.stem]:.0f} s", flush=True)
-        previous = json.loads(recorded.read_text()) if recorded.is_file() else {}
         recorded.write_text(json.dumps(dict(sorted((previous | timings).items())), indent=2) + "\n")
     return timings
 

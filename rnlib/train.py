@@ -303,13 +303,9 @@ def alignment_bar(profile: Profile, seed: int = 0) -> dict:
 
 def alignment_bars(profile: Profile, seeds):
     """The bar for each of `seeds` whose align run has finished (none is trained): one seed meeting it can be luck."""
-    import pandas as pd
-
-    bars = [(seed, alignment_bar(profile, seed)) for seed in seeds
-            if planned_target(profile, "standard", None, seed).finished]
-    return pd.DataFrame([{"seed": seed, "meets_bar": bar["meets_bar"]} |
-                         {f"{kind} {key}": bar[f"{kind}_refusal"][key] for kind in ("harmful", "benign")
-                          for key in ("rate", "low", "high")} for seed, bar in bars])
+    aligned = {seed: planned_target(profile, "standard", None, seed) for seed in seeds}
+    return refusal_checks(profile, [({"seed": seed, "meets_bar": alignment_bar(profile, seed)["meets_bar"]}, run)
+                                    for seed, run in aligned.items() if run.finished])
 
 
 # --- GRPO stages ---------------------------------------------------------------------------------------------
