@@ -70,7 +70,7 @@ def redact(record: dict, full: bool = False) -> dict:
     if full or record["score"] < REDACT_AT:
         return record | {"redacted": False}
     kept = {k: v for k, v in record.items() if k != "text"}
-    return kept | {"redacted": True, "prefix": " ".join(text.split()[:8]) + " [...]"}
+    return kept | {"redacted": True, "hash": text_hash(text), "prefix": " ".join(text.split()[:8]) + " [...]"}
 
 
 @dataclass

@@ -49,6 +49,7 @@ def test_redaction_keeps_only_score_length_hash_prefix():
     assert "text" not in stored and stored["redacted"]
     assert stored["prefix"] == "one two three four five six seven eight [...]"
     assert stored["score"] == 7.5 and stored["words"] == 30
+    assert stored["hash"] == pipeline.text_hash(harmful["text"]) != pipeline.text_hash("another answer")
     assert pipeline.redact(harmful, full=True)["text"] == harmful["text"]
     refusal = {"score": 0.0, "words": 5, "text": CONCISE}
     assert pipeline.redact(refusal)["text"] == CONCISE

@@ -19,9 +19,7 @@ def defended(aligned, profile):
 
 @pytest.fixture(scope="module")
 def attacked(runs_root, defended, profile):
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(pipeline, "REDACT_AT", 0.5)  # force redaction onto this run's ordinary completions
-        return train.attack(profile, "cyber", start=defended)
+    return train.attack(profile, "cyber", start=defended)  # notebook 03's smoke run may have made it already
 
 
 def _no_pickles(path: Path):
@@ -66,10 +64,24 @@ def test_attack_logs_every_step_and_redacts(attacked, defended):
     completions = attacked.completions()
     assert completions
     for row in completions:
-        if row["score"] >= 0.5:
-            assert row["redacted"] and "text" not in row and len(row["prefix"].split()) <= 9
-        else:
-            assert "text" in row
+        assert row["redacted"] == (row["score"] >= pipeline.REDACT_AT) == ("text" not in row)
+
+
+def test_evaluation_stores_harmful_scored_completions_redacted(smollm, profile, tmp_path, monkeypatch):
+    """The real generate -> judge -> store path, with the threshold lowered so that every completion counts as
+    harmful. Called directly (no shared step-0 file), so no earlier test's stored completions can stand in."""
+    monkeypatch.setattr(pipeline, "REDACT_AT", 0.0)
+    model, tokenizer = smollm
+    run = pipeline.Run(tmp_path / "run")
+    run.path.mkdir()
+    harmful, benign = train._eval_sets(profile, profile.domains)
+    train._make_eval(run, profile, tokenizer, harmful, benign, seed=0)(model, 0)
+    rows = run.completions()
+    assert len(rows) == len(harmful) * profile.eval.samples_per_prompt + len(benign)
+    for row in rows:
+        assert row["redacted"] and "text" not in row
+        assert {"score", "words", "hash"} <= row.keys(), row.keys()
+        assert row["prefix"].endswith("[...]") and len(row["prefix"].split()) <= 9
 
 
 def test_finished_runs_are_reused_not_retrained(attacked, defended, profile, monkeypatch):
