@@ -23,6 +23,7 @@ overrides = {}
 figures_dir = None
 
 # %%
+import pandas as pd
 from IPython.display import display
 
 from rnlib import pipeline, plots, train
@@ -49,4 +50,18 @@ plots.save(fig, "03_refusal_standard_vs_defended", figures_dir)
 
 # %%
 last = evals.sort_values("step").groupby(["domain", "target", "seed"]).last()
-display(last[["step", "harm_mean", "harm_std", "refusal_rate", "neutralization_index"]].round(3))
+display(last[["step", "harm_mean", "harm_std", "refusal_rate", "neutralization_index", "answer_words",
+              "distinct_answers"]].round(3))
+
+# %% [markdown]
+# ## What the attacked models say
+# A refusal rate near zero usually means the attacker won, but not always: an attacked model can also
+# degenerate into answers that neither refuse nor help (its harm score then stays near zero, and its
+# `distinct_answers` drops). The most frequent openings of each model's answers at the last evaluation show
+# which happened. Only the first 8 words are shown, and completions the judge scored harmful are stored
+# redacted anyway.
+
+# %%
+with pd.option_context("display.max_colwidth", 70):
+    display(pipeline.frequent_answers(runs)[["domain", "target", "seed", "opening", "share", "harm", "refused"]]
+            .round(2))

@@ -29,7 +29,10 @@ class ConfigError(ValueError):
 class LoraSettings:
     r: int = 16
     alpha: int = 32
-    dropout: float = 0.05
+    dropout: float = 0.05  # supervised stages (align, sft_refusal, the warm start)
+    # GRPO stages: TRL samples each group with the model in train mode, so LoRA dropout there would draw the
+    # completions from a perturbed copy of the policy it updates; off, a cpu step is ~23% faster (README).
+    grpo_dropout: float = 0.0
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 

@@ -143,10 +143,11 @@ def load_model(name: str = DEFAULT_MODEL, quantize_4bit: bool = False, bf16: boo
     return model, load_tokenizer(path)
 
 
-def lora_config(lora, task_type: str = "CAUSAL_LM"):
+def lora_config(lora, task_type: str = "CAUSAL_LM", grpo: bool = False):
+    """PEFT's LoraConfig from the profile's `lora` section; `grpo` picks the GRPO stages' dropout."""
     from peft import LoraConfig
 
-    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.grpo_dropout if grpo else lora.dropout,
                       target_modules=list(lora.target_modules), task_type=task_type)
 
 

@@ -195,3 +195,28 @@ def frame(runs: list[Run], table: str = "evals"):
 
     rows = [_label(run) | row for run in runs for row in getattr(run, table)()]
     return pd.DataFrame(rows)
+
+
+def frequent_answers(runs: list[Run], top: int = 3, words: int = 8):
+    """The most frequent openings of each run's answers to harmful eval prompts at its last evaluation.
+
+    Shows what a model actually says when its numbers surprise (a refusal rate near zero with harm near zero
+    means answers that neither refuse nor help). Only the first `words` words are shown, whatever the score.
+    """
+    import pandas as pd
+
+    tables = []
+    for run in runs:
+        rows = [r for r in run.completions() if r["kind"] == "harmful"]
+        if not rows:
+            continue
+        last = max(r["step"] for r in rows)
+        answers = pd.DataFrame([r for r in rows if r["step"] == last])
+        full = answers.get("text", pd.Series(index=answers.index, dtype=object))
+        answers["opening"] = [" ".join(str(text).split()[:words]) if isinstance(text, str) else prefix
+                              for text, prefix in zip(full, answers.get("prefix", full))]
+        table = (answers.groupby("opening").agg(share=("score", lambda s: len(s) / len(answers)),
+                                                 harm=("score", "mean"), refused=("refused", "mean"))
+                 .sort_values("share", ascending=False).head(top).reset_index())
+        tables.append(table.assign(**_label(run), step=last))
+    return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()

@@ -332,7 +332,7 @@ def grpo_trainer(profile: Profile, settings, model_dir: str, dataset: list[dict]
         **models.vllm_generation(profile.use_vllm))
     args = GRPOConfig(**fields | overrides)
     return GRPOTrainer(model=model, reward_funcs=reward_funcs, args=args, train_dataset=Dataset.from_list(dataset),
-                       processing_class=tokenizer, peft_config=models.lora_config(profile.lora),
+                       processing_class=tokenizer, peft_config=models.lora_config(profile.lora, grpo=True),
                        callbacks=list(callbacks))
 
 

@@ -90,6 +90,7 @@ def test_vllm_generation_is_opt_in_and_needs_a_gpu_and_vllm(monkeypatch):
 def test_lora_config_comes_from_the_profile():
     lora = models.lora_config(LoraSettings(r=4, alpha=8, dropout=0.1, target_modules=("q_proj",)))
     assert (lora.r, lora.lora_alpha, lora.lora_dropout, set(lora.target_modules)) == (4, 8, 0.1, {"q_proj"})
+    assert models.lora_config(LoraSettings(dropout=0.1, grpo_dropout=0.0), grpo=True).lora_dropout == 0.0
 
 
 def test_registry_and_unknown_models():

@@ -26,6 +26,19 @@ def _no_pickles(path: Path):
     assert not [p for p in path.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
 
 
+def test_grpo_stages_sample_without_lora_dropout(tmp_path):
+    """TRL samples in train mode: the GRPO adapter gets the profile's grpo_dropout, not the SFT stages' dropout."""
+    from rnlib import data, models
+    from rnlib.rewards import harm_reward
+
+    profile = load_profile("smoke", {"lora.dropout": 0.1})
+    rows = train.rl_rows(data.take(data.harmful_split("cyber", "attack"), 2), "harmful")
+    trainer = train.grpo_trainer(profile, profile.attack, models.resolve(profile.model), rows,
+                                 harm_reward(train.cached_judge(profile.judge)), str(tmp_path), seed=0)
+    assert trainer.model.peft_config["default"].lora_dropout == 0.0
+    assert models.lora_config(profile.lora).lora_dropout == 0.1
+
+
 def test_align_run_directory(aligned):
     manifest = aligned.manifest
     assert manifest["status"] == "finished" and manifest["stage"] == "align"
