@@ -67,15 +67,21 @@ def cross_domain(profile: Profile, seed: int, train_missing: bool = True) -> lis
             for attacked in profile.domains for defended_on in (*profile.domains, train.JOINT)]
 
 
-def utility(profile: Profile, domain: str, seed: int, train_missing: bool = True) -> list[tuple[dict, Run]]:
-    """The finetunability task (same GRPO budget as the attack) on every target model."""
-    def finetuned(target: str) -> Run:
+def utility(profile: Profile, domains: list[str], seed: int, train_missing: bool = True) -> list[tuple[dict, Run]]:
+    """The finetunability task (same GRPO budget as the attack) on every target model of each domain.
+
+    The standard model is aligned on every domain at once, so it appears once, labelled domain 'all'.
+    """
+    def finetuned(target: str, domain: str) -> Run:
         start = _target(profile, target, domain, seed, train_missing)
         if train_missing:
             return train.finetune(profile, start, seed)
         return train.stage_run(profile, "finetune", None, seed, start=start.id)
 
-    return [({"target": target, "domain": domain}, finetuned(target)) for target in profile.robustness.targets]
+    cells = [({"target": "standard", "domain": "all"}, finetuned("standard", domains[0]))] \
+        if "standard" in profile.robustness.targets else []
+    return cells + [({"target": target, "domain": domain}, finetuned(target, domain))
+                    for domain in domains for target in profile.robustness.targets if target != "standard"]
 
 
 def headline(profile: Profile, domain: str, train_missing: bool = True) -> list[tuple[dict, Run]]:

@@ -82,6 +82,9 @@ def test_smoke_profile_executes_all_notebooks_and_writes_every_figure(runs_root,
     seeds = (figures / "05_headline_seeds.csv").read_text().splitlines()
     assert seeds[0] == "domain,target,metric,n,mean,low,high" and all(",2," in row for row in seeds[1:])
     executed = tmp_path / "papermill_runs" / "smoke"
+    robustness_outputs = json.dumps([c.get("outputs", []) for c in
+                                     nbformat.read(executed / "05_robustness.ipynb", as_version=4).cells])
+    assert "zero-variance steps" in robustness_outputs and "opening" in robustness_outputs  # RN's mechanism, its answers
     for source in notebooks.sources():
         assert _code_cells(nbformat.read(executed / f"{source.stem}.ipynb", as_version=4)) == \
             _code_cells(jupytext.read(source))

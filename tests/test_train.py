@@ -165,6 +165,11 @@ def test_planned_runs_name_the_cached_runs_without_training(aligned, defended, a
     assert [labels for labels, run in done if run.path == attacked.path] == \
         [{"attack": "paper", "target": "defended", "domain": "cyber"}]
     assert all(not (pipeline.runs_root() / m["run_id"]).exists() for m in missing)  # nothing created for them
+    # finetunability: the standard model is shared by every domain, so it is one cell, not one per domain
+    utility = [labels for labels, _ in robustness.utility(profile, ["biochem", "cyber"], 0, train_missing=False)]
+    others = [t for t in profile.robustness.targets if t != "standard"]
+    assert utility == [{"target": "standard", "domain": "all"}] + \
+        [{"target": t, "domain": d} for d in ("biochem", "cyber") for t in others]
 
 
 def test_interrupted_run_resumes_from_its_last_checkpoint(aligned, profile, monkeypatch):
