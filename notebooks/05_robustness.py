@@ -100,14 +100,13 @@ plots.save(fig, "05_robustness_matrix", figures_dir)
 # attack that breaks RN has to bring reward variance back first.
 
 # %%
-if len(matrix) and (matrix["target"] == "defended").any():
+rn_cells = [(labels, run) for labels, run in finished_cells if labels["target"] == "defended"]
+if len(matrix) and rn_cells:
     rn = matrix[matrix["target"] == "defended"].set_index(["domain", "attack"])
-    before = {(labels["domain"], labels["attack"]): run.manifest["before"]["refusal_rate"]
-              for labels, run in finished_cells if labels["target"] == "defended"}
+    before = {(labels["domain"], labels["attack"]): run.manifest["before"]["refusal_rate"] for labels, run in rn_cells}
     standard = matrix[matrix["target"] == "standard"].set_index(["domain", "attack"])
     zero_variance = {(labels["domain"], labels["attack"]):
-                     (pipeline.frame([run], "steps")["frac_reward_zero_std"] == 1).mean()
-                     for labels, run in finished_cells if labels["target"] == "defended"}
+                     (pipeline.frame([run], "steps")["frac_reward_zero_std"] == 1).mean() for labels, run in rn_cells}
     verdict = pd.DataFrame({"RN harm": rn["harm_mean"], "standard harm": standard["harm_mean"],
                             "RN refusal before": pd.Series(before), "RN refusal after": rn["refusal_rate"],
                             "zero-variance steps": pd.Series(zero_variance)})
@@ -127,10 +126,9 @@ else:
 # (token soup whose every answer is different, so each opening's share is one answer in 64).
 
 # %%
-rn_attacks = [(labels["attack"], run) for labels, run in finished_cells if labels["target"] == "defended"]
-openings = pipeline.frequent_answers([run for _, run in rn_attacks])
+openings = pipeline.frequent_answers([run for _, run in rn_cells])
 if len(openings):
-    openings.insert(0, "attack", openings["run_id"].map({run.id: attack for attack, run in rn_attacks}))
+    openings.insert(0, "attack", openings["run_id"].map({run.id: labels["attack"] for labels, run in rn_cells}))
     with pd.option_context("display.max_colwidth", 70):
         display(openings[["domain", "attack", "opening", "share", "harm", "refused"]].round(2))
 
