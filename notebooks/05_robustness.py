@@ -24,7 +24,9 @@
 #   memory only) before the RL attack.
 # * **Transfer**: RN trained on one domain, attacked on the other; and a joint defense on both.
 # * **Seeds**: the headline comparison (standard vs RN at the last attack step) over several seeds, with a
-#   95% interval.
+#   95% interval. Every seed starts from one aligned model (`robustness.headline_align_seed`), as the paper
+#   attacks one vendor checkpoint per model, so the spread is that of the defense's and the attack's
+#   initialisation and sampling, not of the stand-in alignment (notebook 01 checks that across seeds).
 #
 # Every cell below is an ordinary cached run; re-running the notebook never retrains what has finished.
 # The whole matrix is many hours on a CPU. With `train_missing = False` the notebook trains nothing: it shows
@@ -47,7 +49,8 @@ from rnlib.config import notebook_setup
 
 study, figures_dir, _, domains = notebook_setup(profile, overrides, figures_dir, domains=domains)
 settings = study.robustness
-print(f"targets={settings.targets}\nattacks={settings.attacks}\nheadline seeds={settings.headline_seeds}  "
+print(f"targets={settings.targets}\nattacks={settings.attacks}\nheadline seeds={settings.headline_seeds} "
+      f"(from the seed-{settings.headline_align_seed} aligned model)  "
       f"attack steps={study.attack.max_steps}  domains={domains}  train_missing={train_missing}")
 
 

@@ -150,6 +150,7 @@ class RobustnessSettings:
     targets: tuple[str, ...] = TARGETS
     attacks: tuple[str, ...] = tuple(ATTACK_VARIANTS)
     headline_seeds: tuple[int, ...] = (0, 1, 2)
+    headline_align_seed: int = 0  # the one aligned model every headline seed defends and attacks
     cross_domain: bool = True  # defend on one domain, attack the other; and a joint defense
 
 

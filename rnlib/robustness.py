@@ -33,9 +33,10 @@ def finished(runs: list[tuple[dict, Run]]) -> tuple[list[tuple[dict, Run]], list
         [labels | {"run_id": run.id} for labels, run in runs if not run.finished]
 
 
-def _target(profile: Profile, target: str, domain: str, seed: int, train_missing: bool) -> Run:
+def _target(profile: Profile, target: str, domain: str, seed: int, train_missing: bool,
+            aligned_seed: int | None = None) -> Run:
     """The model a cell starts from: trained if missing, or (without `train_missing`) only named by its hash."""
-    return (train.target_model if train_missing else train.planned_target)(profile, target, domain, seed)
+    return (train.target_model if train_missing else train.planned_target)(profile, target, domain, seed, aligned_seed)
 
 
 def targets(profile: Profile, domains: list[str], seed: int, train_missing: bool = True) -> list[tuple[dict, Run]]:
@@ -45,9 +46,9 @@ def targets(profile: Profile, domains: list[str], seed: int, train_missing: bool
 
 
 def _attack(profile: Profile, attacker: Profile, target: str, attacked: str, defended_on: str, seed: int,
-            train_missing: bool) -> Run:
+            train_missing: bool, aligned_seed: int | None = None) -> Run:
     """One attack cell; without `train_missing`, the run it would be (finished or not), nothing trained."""
-    start = _target(profile, target, defended_on, seed, train_missing)
+    start = _target(profile, target, defended_on, seed, train_missing, aligned_seed)
     if train_missing:
         return train.attack(attacker, attacked, seed, start=start)
     return train.stage_run(attacker, "attack", attacked, seed, start=start.id)
@@ -85,8 +86,13 @@ def utility(profile: Profile, domains: list[str], seed: int, train_missing: bool
 
 
 def headline(profile: Profile, domain: str, train_missing: bool = True) -> list[tuple[dict, Run]]:
-    """The paper's attack on the standard and the RN model for each headline seed."""
-    return [({"target": target, "domain": domain}, _attack(profile, profile, target, domain, domain, seed, train_missing))
+    """The paper's attack on the standard and the RN model for each headline seed.
+
+    Every seed starts from one aligned model (seed `robustness.headline_align_seed`), as the paper attacks one
+    vendor checkpoint per model: the seeds vary the defense's and the attack's initialisation and sampling.
+    """
+    return [({"target": target, "domain": domain},
+             _attack(profile, profile, target, domain, domain, seed, train_missing, profile.robustness.headline_align_seed))
             for seed in profile.robustness.headline_seeds for target in ("standard", "defended")]
 
 

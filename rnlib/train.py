@@ -480,14 +480,18 @@ DEFENSES = {"defended": defend, "sft_refusal": sft_refusal, "entropy": entropy} 
 DEFENSE_STAGES = tuple(stage.__name__ for stage in DEFENSES.values())
 
 
-def target_model(profile: Profile, target: str, domain: str, seed: int) -> Run:
-    """The model an attack starts from: standard-aligned, or defended (RN or a baseline) on `domain`."""
-    return align(profile, seed) if target == "standard" else DEFENSES[target](profile, domain, seed)
+def target_model(profile: Profile, target: str, domain: str, seed: int, aligned_seed: int | None = None) -> Run:
+    """The model an attack starts from: standard-aligned, or defended (RN or a baseline) on `domain`.
+
+    `aligned_seed`: the seed of the aligned model a defense builds on (default `seed`).
+    """
+    aligned = align(profile, seed if aligned_seed is None else aligned_seed)
+    return aligned if target == "standard" else DEFENSES[target](profile, domain, seed, start=aligned)
 
 
-def planned_target(profile: Profile, target: str, domain: str, seed: int) -> Run:
+def planned_target(profile: Profile, target: str, domain: str, seed: int, aligned_seed: int | None = None) -> Run:
     """The run `target_model` would return, found by its config hash without training anything."""
-    aligned = stage_run(profile, "align", None, seed, start=profile.model)
+    aligned = stage_run(profile, "align", None, seed if aligned_seed is None else aligned_seed, start=profile.model)
     if target == "standard":
         return aligned
     return stage_run(profile, DEFENSES[target].__name__, domain, seed, start=aligned.id)
