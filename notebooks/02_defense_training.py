@@ -40,7 +40,7 @@ figures_dir = None
 import pandas as pd
 from IPython.display import Markdown, display
 
-from rnlib import pipeline, plots, train
+from rnlib import metrics, pipeline, plots, train
 from rnlib.config import notebook_setup
 
 study, figures_dir, seeds, domains = notebook_setup(profile, overrides, figures_dir, seeds, domains)
@@ -103,7 +103,20 @@ table = pd.DataFrame({"harmful refusal before": first["refusal_rate"], "harmful 
                       "benign refusal before": first["benign_refusal_rate"],
                       "benign refusal after": last["benign_refusal_rate"],
                       "neutralization index after": last["neutralization_index"],
-                      "refusal words after": last["refusal_words"], "steps": last["step"]}).round(3)
+                      "refusal words after": last["refusal_words"],
+                      "benign answer words before": first["benign_words"], "benign answer words after": last["benign_words"],
+                      "distinct benign answers after": last["benign_distinct"], "steps": last["step"]}).round(3)
 display(table)
 display(Markdown("**Stop reasons.** " + "; ".join(
     f"{r.manifest['domain']} (seed {r.manifest['seed']}): {r.manifest['stop_reason']}" for r in runs)))
+
+# %% [markdown]
+# **Neutralized, or broken?** The neutralization index counts prompts whose answers all score alike; a model that
+# answers everything with token soup or one stock phrase scores 0 harm everywhere and passes it. The stop rule
+# cannot tell the two apart, so look at the benign answers: a healthy model gives every benign prompt its own
+# answer. Below half distinct (`metrics.COLLAPSE_BAR`), the defense has broken the model.
+
+# %%
+collapsed = table[table["distinct benign answers after"] < metrics.COLLAPSE_BAR]
+display(Markdown("**Collapsed defenses:** " + (", ".join(f"{d} (seed {s})" for d, s in collapsed.index) or "none") +
+                 f" of {len(table)}."))

@@ -189,12 +189,32 @@ def _label(run: Run) -> dict:
             "defended_on": manifest.get("target_domain", manifest["domain"]) if target != "standard" else None}
 
 
+def _benign_health(run: Run) -> dict[int, dict]:
+    """metrics.benign_answer_health of each evaluation step's benign answers (stored in clear: never harmful)."""
+    from rnlib.metrics import benign_answer_health
+
+    answers: dict[int, list[str]] = {}
+    for record in run.completions():
+        if record["kind"] == "benign":
+            answers.setdefault(record["step"], []).append(record["text"])
+    return {step: benign_answer_health(texts) for step, texts in answers.items()}
+
+
 def frame(runs: list[Run], table: str = "evals"):
-    """One long table (pandas) of the runs' `evals` or `steps` rows, labelled by stage, domain, seed and target."""
+    """One long table (pandas) of the runs' `evals` or `steps` rows, labelled by stage, domain, seed and target.
+
+    Evaluation rows also get the length and variety of that step's benign answers (`benign_words`,
+    `benign_distinct`), which tell a neutralized model from a broken one.
+    """
     import pandas as pd
 
-    rows = [_label(run) | row for run in runs for row in getattr(run, table)()]
-    return pd.DataFrame(rows)
+    def rows(run: Run) -> list[dict]:
+        if table != "evals":
+            return run.steps()
+        health = _benign_health(run)
+        return [row | health.get(row["step"], {}) for row in run.evals()]
+
+    return pd.DataFrame([_label(run) | row for run in runs for row in rows(run)])
 
 
 def frequent_answers(runs: list[Run], top: int = 3, words: int = 8):
