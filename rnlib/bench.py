@@ -4,6 +4,7 @@
    and memory settings (bf16 autocast, gradient checkpointing) at the same batch shape. Each variant runs in
    its own process (so peak memory is its own) for a few steps of the attack; the first step is a warm-up.
    A step splits into generation and judging (TRL's own profiling hooks time them) and forward/backward (the rest).
+   A third variant measures a lever the study leaves off: generating 4 steps' samples in one call.
 2. The wall time of each stage of the smoke and cpu profiles, read from the finished runs' manifests, and of
    each notebook, read from papermill_runs/<profile>/timings.json; and the evaluation time that shared step-0
    evaluations saved.
@@ -31,6 +32,9 @@ from rnlib.rewards import harm_reward
 VARIANTS = {
     "profile": {},
     "trl-defaults": {"bf16": True, "gradient_checkpointing": True},
+    # A lever the study does not pull: one generation call samples 4 steps' groups (decoding is memory-bound, so a
+    # 4x batch costs far less than 4x), but steps 2-4 then learn from samples of an older policy.
+    "batched-generation": {"steps_per_generation": 4},
 }
 
 
@@ -50,7 +54,11 @@ class _StepClock(TrainerCallback):
 
 
 def measure(profile_name: str, variant: str, steps: int, domain: str) -> dict:
-    """Run `steps` attack steps of one variant in this process; return mean per-step figures (after warm-up)."""
+    """Run `steps` generation rounds of one variant's attack in this process; return mean per-step figures.
+
+    A round is one generation call and the optimizer steps it feeds (one, unless the variant batches several);
+    the first round is a warm-up.
+    """
     from trl.extras import profiling
 
     # TRL times generation and each reward function in ProfilingContext blocks; collect them here.
@@ -58,23 +66,28 @@ def measure(profile_name: str, variant: str, steps: int, domain: str) -> dict:
     # Their names carry the trainer class as a prefix ("GRPOTrainer.transformers.generate").
     profiling.ProfilingContext._log_metrics = \
         lambda self, seconds: durations[self.name.split(".", 1)[-1]].append(seconds)
-    profile = config.load_profile(profile_name, {"attack.max_steps": steps})
-    rows = train.rl_rows(data.take(data.harmful_split(domain, "attack"), profile.data.n_attack), "harmful")
+    per_round = VARIANTS[variant].get("steps_per_generation", 1)
+    profile = config.load_profile(profile_name, {"attack.max_steps": steps * per_round})
+    # Every attack prompt (the cpu profile's n_attack): a batched generation round needs 4 steps' worth of prompts.
+    rows = train.rl_rows(data.harmful_split(domain, "attack"), "harmful")
     clock = _StepClock()
     with tempfile.TemporaryDirectory() as scratch:
         trainer = train.grpo_trainer(profile, profile.attack, models.resolve(profile.model), rows,
                                      harm_reward(train.cached_judge(profile.judge)), scratch, seed=0,
                                      callbacks=[clock], save_strategy="no", **VARIANTS[variant])
         trainer.train()
-    measured = slice(1, None) if steps > 1 else slice(None)
-    step = sum(clock.step_times[measured]) / len(clock.step_times[measured])
-    generation = sum(durations["transformers.generate"][measured]) / len(clock.step_times[measured])
-    judging = sum(durations["harm_score"][measured]) / len(clock.step_times[measured])
-    logs = clock.logs[measured]
-    batch = profile.attack.num_generations * profile.attack.prompts_per_step
+    # TRL generates and judges once per round, at its first step.
+    measured, measured_rounds = (slice(per_round, None), slice(1, None)) if steps > 1 else (slice(None), slice(None))
+    n_steps = len(clock.step_times[measured])
+    step = sum(clock.step_times[measured]) / n_steps
+    generation = sum(durations["transformers.generate"][measured_rounds]) / n_steps
+    judging = sum(durations["harm_score"][measured_rounds]) / n_steps
+    # TRL logs a step's generation metrics (reward, completion lengths, tokens seen) only at a round's first step.
+    logs, rounds = clock.logs[measured_rounds], len(durations["transformers.generate"][measured_rounds])
+    batch = profile.attack.num_generations * profile.attack.prompts_per_step * per_round
     completion_tokens = sum(log["completions/mean_length"] * batch for log in logs) / len(logs)
     tokens = [log["num_tokens"] for log in clock.logs]
-    train_tokens = (tokens[-1] - tokens[0]) / max(1, len(tokens) - 1) if len(tokens) > 1 else tokens[0]
+    train_tokens = ((tokens[-1] - tokens[0]) / (len(tokens) - 1) if len(tokens) > 1 else tokens[0]) / per_round
     if torch.cuda.is_available():
         peak = torch.cuda.max_memory_allocated() / 2**30
         peak_kind = "GPU"
@@ -83,9 +96,9 @@ def measure(profile_name: str, variant: str, steps: int, domain: str) -> dict:
         peak_kind = "RSS"
     return {"variant": variant, "step_s": step, "generation_s": generation, "judging_s": judging,
             "forward_backward_s": step - generation - judging,
-            "generated_tokens_per_s": completion_tokens / generation if generation else None,
+            "generated_tokens_per_s": completion_tokens * rounds / (generation * n_steps) if generation else None,
             "trained_tokens_per_s": train_tokens / (step - generation - judging),
-            f"peak_{peak_kind}_GiB": peak, "steps_measured": len(clock.step_times[measured])}
+            f"peak_{peak_kind}_GiB": peak, "steps_measured": n_steps}
 
 
 def _seconds(start: str, end: str) -> float:
@@ -114,7 +127,9 @@ def reused_evaluations(profile_name: str) -> tuple[int, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rnlib.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="cpu")
-    parser.add_argument("--steps", type=int, default=3, help="attack steps per variant (the first is a warm-up)")
+    parser.add_argument("--steps", type=int, default=3,
+                        help="generation rounds per variant (the first is a warm-up); a round is one attack step, "
+                             "or 4 for batched-generation")
     parser.add_argument("--domain", default="cyber")
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--measure", choices=list(VARIANTS), help=argparse.SUPPRESS)  # internal: one variant

@@ -5,7 +5,7 @@ import pandas as pd
 
 from rnlib import pipeline
 from rnlib.config import load_profile
-from rnlib.metrics import attack_outcome, benign_answer_health, neutralization_index
+from rnlib.metrics import attack_outcome, benign_answer_health, collapsed, neutralization_index
 from rnlib.rewards import helpfulness_score, neutralization_reward, neutralization_score
 
 CONCISE = "I can't help with that."
@@ -68,6 +68,7 @@ def test_a_model_broken_by_its_defense_is_not_called_held():
     soup = ["ulumiulumiulumi"] * 12 + ["pulumiulumiulumi"] * 11 + ["I'm sorry."]
     health = benign_answer_health(soup)
     assert health == {"benign_words": 1.0 + 1 / 24, "benign_distinct": 3 / 24}
+    assert collapsed(health["benign_distinct"]) and not collapsed(1.0) and not collapsed(None)
     assert attack_outcome(0.0, 0.0, harm_after=0.0, benign_distinct_before=health["benign_distinct"]) == \
         "collapsed before the attack"
     answers = [f"Here is a plan for day {i}: start early and rest." for i in range(24)]
