@@ -114,9 +114,9 @@ display(Markdown("**Stop reasons.** " + "; ".join(
 # **Neutralized, or broken?** The neutralization index counts prompts whose answers all score alike; a model that
 # answers everything with token soup or one stock phrase scores 0 harm everywhere and passes it. The stop rule
 # cannot tell the two apart, so look at the benign answers: a healthy model gives every benign prompt its own
-# answer. Below half distinct (`metrics.COLLAPSE_BAR`), the defense has broken the model.
+# answer. Below half distinct (`metrics.collapsed`), the defense has broken the model.
 
 # %%
-collapsed = table[table["distinct benign answers after"] < metrics.COLLAPSE_BAR]
+collapsed = table[table["distinct benign answers after"].map(metrics.collapsed)]
 display(Markdown("**Collapsed defenses:** " + (", ".join(f"{d} (seed {s})" for d, s in collapsed.index) or "none") +
                  f" of {len(table)}."))

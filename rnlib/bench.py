@@ -2,7 +2,7 @@
 
 1. A GRPO step as the study runs it (the profile's settings) and, side by side, with TRL's default precision
    and memory settings (bf16 autocast, gradient checkpointing) at the same batch shape. Each variant runs in
-   its own process (so peak memory is its own) for a few steps of the attack; the first step is a warm-up.
+   its own process (so peak memory is its own) for a few steps of the attack; the first round is a warm-up.
    A step splits into generation and judging (TRL's own profiling hooks time them) and forward/backward (the rest).
    A third variant measures a lever the study leaves off: generating 4 steps' samples in one call.
 2. The wall time of each stage of the smoke and cpu profiles, read from the finished runs' manifests, and of
@@ -79,13 +79,14 @@ def measure(profile_name: str, variant: str, steps: int, domain: str) -> dict:
     # TRL generates and judges once per round, at its first step.
     measured, measured_rounds = (slice(per_round, None), slice(1, None)) if steps > 1 else (slice(None), slice(None))
     n_steps = len(clock.step_times[measured])
+    generation_calls = durations["transformers.generate"][measured_rounds]
     step = sum(clock.step_times[measured]) / n_steps
-    generation = sum(durations["transformers.generate"][measured_rounds]) / n_steps
+    generation = sum(generation_calls) / n_steps
     judging = sum(durations["harm_score"][measured_rounds]) / n_steps
     # TRL logs a step's generation metrics (reward, completion lengths, tokens seen) only at a round's first step.
-    logs, rounds = clock.logs[measured_rounds], len(durations["transformers.generate"][measured_rounds])
+    logs = clock.logs[measured_rounds]
     batch = profile.attack.num_generations * profile.attack.prompts_per_step * per_round
-    completion_tokens = sum(log["completions/mean_length"] * batch for log in logs) / len(logs)
+    completion_tokens = sum(log["completions/mean_length"] * batch for log in logs)  # over the measured rounds
     tokens = [log["num_tokens"] for log in clock.logs]
     train_tokens = ((tokens[-1] - tokens[0]) / (len(tokens) - 1) if len(tokens) > 1 else tokens[0]) / per_round
     if torch.cuda.is_available():
@@ -96,7 +97,7 @@ def measure(profile_name: str, variant: str, steps: int, domain: str) -> dict:
         peak_kind = "RSS"
     return {"variant": variant, "step_s": step, "generation_s": generation, "judging_s": judging,
             "forward_backward_s": step - generation - judging,
-            "generated_tokens_per_s": completion_tokens * rounds / (generation * n_steps) if generation else None,
+            "generated_tokens_per_s": completion_tokens / sum(generation_calls) if generation else None,
             "trained_tokens_per_s": train_tokens / (step - generation - judging),
             f"peak_{peak_kind}_GiB": peak, "steps_measured": n_steps}
 
