@@ -4,7 +4,8 @@
    and memory settings (bf16 autocast, gradient checkpointing) at the same batch shape. Each variant runs in
    its own process (so peak memory is its own) for a few steps of the attack; the first round is a warm-up.
    A step splits into generation and judging (TRL's own profiling hooks time them) and forward/backward (the rest).
-   A third variant measures a lever the study leaves off: generating 4 steps' samples in one call.
+   Two more variants measure levers the study leaves off: generating 4 steps' samples in one call, and bf16
+   weights (fast only on a CPU with bf16 matrix units, e.g. AMX; elsewhere many times slower).
 2. The wall time of each stage of the smoke and cpu profiles, read from the finished runs' manifests, and of
    each notebook, read from papermill_runs/<profile>/timings.json; and the evaluation time that shared step-0
    evaluations saved.
@@ -29,12 +30,16 @@ from rnlib import config, data, models, pipeline, train
 from rnlib.notebooks import ROOT
 from rnlib.rewards import harm_reward
 
+# variant -> (profile overrides, GRPOConfig overrides)
 VARIANTS = {
-    "profile": {},
-    "trl-defaults": {"bf16": True, "gradient_checkpointing": True},
+    "profile": ({}, {}),
+    "trl-defaults": ({}, {"bf16": True, "gradient_checkpointing": True}),
     # A lever the study does not pull: one generation call samples 4 steps' groups (decoding is memory-bound, so a
     # 4x batch costs far less than 4x), but steps 2-4 then learn from samples of an older policy.
-    "batched-generation": {"steps_per_generation": 4},
+    "batched-generation": ({}, {"steps_per_generation": 4}),
+    # Another: frozen weights stored in bf16 with bf16 autocast (the paper profile's precision). It halves the bytes
+    # each decoded token reads, but changes the numerics, and without bf16 hardware the products run in software.
+    "bf16-weights": ({"bf16": True}, {}),
 }
 
 
@@ -66,16 +71,18 @@ def measure(profile_name: str, variant: str, steps: int, domain: str) -> dict:
     # Their names carry the trainer class as a prefix ("GRPOTrainer.transformers.generate").
     profiling.ProfilingContext._log_metrics = \
         lambda self, seconds: durations[self.name.split(".", 1)[-1]].append(seconds)
-    per_round = VARIANTS[variant].get("steps_per_generation", 1)
-    profile = config.load_profile(profile_name, {"attack.max_steps": steps * per_round})
+    profile_overrides, trainer_overrides = VARIANTS[variant]
+    per_round = trainer_overrides.get("steps_per_generation", 1)
+    profile = config.load_profile(profile_name, profile_overrides | {"attack.max_steps": steps * per_round})
     # Every attack prompt (the cpu profile's n_attack): a batched generation round needs 4 steps' worth of prompts.
     rows = train.rl_rows(data.harmful_split(domain, "attack"), "harmful")
     clock = _StepClock()
     with tempfile.TemporaryDirectory() as scratch:
         trainer = train.grpo_trainer(profile, profile.attack, models.resolve(profile.model), rows,
                                      harm_reward(train.cached_judge(profile.judge)), scratch, seed=0,
-                                     callbacks=[clock], save_strategy="no", **VARIANTS[variant])
+                                     callbacks=[clock], save_strategy="no", **trainer_overrides)
         trainer.train()
+        weights = str(trainer.model.get_input_embeddings().weight.dtype).removeprefix("torch.")
     # TRL generates and judges once per round, at its first step.
     measured, measured_rounds = (slice(per_round, None), slice(1, None)) if steps > 1 else (slice(None), slice(None))
     n_steps = len(clock.step_times[measured])
@@ -95,7 +102,7 @@ def measure(profile_name: str, variant: str, steps: int, domain: str) -> dict:
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         peak_kind = "RSS"
-    return {"variant": variant, "step_s": step, "generation_s": generation, "judging_s": judging,
+    return {"variant": variant, "weights": weights, "step_s": step, "generation_s": generation, "judging_s": judging,
             "forward_backward_s": step - generation - judging,
             "generated_tokens_per_s": completion_tokens / sum(generation_calls) if generation else None,
             "trained_tokens_per_s": train_tokens / (step - generation - judging),

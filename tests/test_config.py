@@ -1,6 +1,6 @@
 import pytest
 
-from rnlib.config import ConfigError, available_profiles, load_profile
+from rnlib.config import ATTACK_VARIANTS, TARGETS, ConfigError, available_profiles, load_profile
 
 
 @pytest.mark.parametrize("name", ["smoke", "cpu", "paper"])
@@ -19,6 +19,13 @@ def test_paper_profile_is_4bit_at_paper_step_counts():
     paper = load_profile("paper")
     assert paper.quantize_4bit and paper.bf16 and paper.attack.max_steps == 200
     assert 60 <= paper.data.n_defense <= 80
+
+
+def test_cpu_matrix_is_every_named_attack_against_every_target():
+    """Issue #5's matrix: TRL's loss variants, 16 generations and the adaptive attacks, each against all four models."""
+    robustness = load_profile("cpu").robustness
+    assert robustness.attacks == tuple(ATTACK_VARIANTS) and robustness.targets == TARGETS
+    assert {"grpo_loss", "dr_grpo", "unscaled", "16_generations", "length_bonus"} <= set(robustness.attacks)
 
 
 def test_unknown_key_names_key_and_allowed():
