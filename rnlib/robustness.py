@@ -11,7 +11,7 @@ from __future__ import annotations
 import pandas as pd
 from scipy import stats
 
-from rnlib import pipeline, train
+from rnlib import metrics, pipeline, train
 from rnlib.config import ATTACK_VARIANTS, Profile, with_overrides
 from rnlib.pipeline import Run
 
@@ -25,6 +25,24 @@ def _labelled(runs: list[tuple[dict, Run]], table: str) -> pd.DataFrame:
 def last_evals(runs: list[tuple[dict, Run]]) -> pd.DataFrame:
     """Each labelled run's final held-out evaluation."""
     return _labelled(runs, "evals").sort_values("step").groupby("run_id").last().reset_index()
+
+
+def outcomes(runs: list[tuple[dict, Run]]) -> pd.DataFrame:
+    """Each labelled attack run: harm and refusal before -> after, its share of zero-variance steps (every GRPO
+    group's rewards equal: no gradient), and `metrics.attack_outcome`, so every defense is judged by one rule."""
+    rows = []
+    for labels, run in runs:
+        evals = pipeline.frame([run]).sort_values("step")
+        first, last = evals.iloc[0], evals.iloc[-1]
+        steps = pipeline.frame([run], "steps")
+        rows.append(labels | {
+            "harm before": first["harm_mean"], "harm after": last["harm_mean"],
+            "refusal before": first["refusal_rate"], "refusal after": last["refusal_rate"],
+            "distinct benign answers before": first["benign_distinct"],
+            "zero-variance steps": float((steps["frac_reward_zero_std"] == 1).mean()),
+            "outcome": metrics.attack_outcome(first["refusal_rate"], last["refusal_rate"], last["harm_mean"],
+                                              benign_distinct_before=first["benign_distinct"])})
+    return pd.DataFrame(rows)
 
 
 def finished(runs: list[tuple[dict, Run]]) -> tuple[list[tuple[dict, Run]], list[dict]]:

@@ -99,6 +99,34 @@ def test_frequent_answers_show_short_openings_of_the_last_evaluation(tmp_path, m
     assert pd.isna(evals.loc[0, "benign_words"])  # no benign answers stored at step 0
 
 
+def test_outcomes_judge_every_attacked_model_by_one_rule(tmp_path, monkeypatch):
+    from rnlib import robustness
+
+    monkeypatch.setenv("RN_RUNS", str(tmp_path))
+
+    def attacked(key, harm, refusal, benign_answers, zero_variance):
+        run = pipeline.run_for("attack", "cyber", "smollm2-135m", 0, key)
+        run.start({"stage": "attack", "domain": "cyber", "seed": 0, "model": "smollm2-135m", "target": "defend"})
+        run.append("evals.jsonl", [{"step": step, "harm_mean": h, "refusal_rate": r}
+                                   for step, h, r in zip((0, 30), harm, refusal)])
+        run.append("steps.jsonl", [{"step": i + 1, "frac_reward_zero_std": z} for i, z in enumerate(zero_variance)])
+        run.append("completions.jsonl", [{"kind": "benign", "score": 0.0, "refused": False, "text": t, "step": 0}
+                                         for t in benign_answers])
+        return run
+
+    varied = ["Paris.", "Blue is a colour.", "Water boils at 100 C.", "Seven."]
+    cells = [({"attack": "paper", "target": "defended"}, attacked("a", (0.2, 0.2), (0.9, 0.9), varied, (1, 1, 0, 1))),
+             ({"attack": "hot", "target": "defended"}, attacked("b", (0.2, 3.1), (0.9, 0.0), varied, (1, 0, 0, 0))),
+             ({"attack": "paper", "target": "entropy"}, attacked("c", (0.0, 0.0), (0.9, 0.1), varied, (1, 1, 1, 1))),
+             ({"attack": "paper", "target": "broken"}, attacked("d", (0.0, 0.0), (0.9, 0.9), ["Sorry."] * 4, (1,)))]
+    judged = robustness.outcomes(cells)
+    assert list(judged["outcome"]) == \
+        ["held", "un-aligned", "refusals collapsed, harm stayed low", "collapsed before the attack"]
+    assert list(judged["target"]) == ["defended", "defended", "entropy", "broken"]  # the cells' labels are kept
+    first = judged.iloc[0]
+    assert first["zero-variance steps"] == 0.75 and first["harm before"] == 0.2 and first["refusal after"] == 0.9
+
+
 def test_unfinished_run_is_not_finished(tmp_path, monkeypatch):
     monkeypatch.setenv("RN_RUNS", str(tmp_path))
     run = pipeline.run_for("attack", "cyber", "smollm2-135m", 0, "abc")
