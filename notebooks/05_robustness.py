@@ -188,6 +188,10 @@ else:
 
 # %% [markdown]
 # ## The headline over seeds: standard vs RN at the last attack step, mean and 95% interval
+#
+# Each black dot is one seed; the bar is the two-sided 95% t-interval of the table. With three seeds the
+# interval is wide and can run past the scale's ends. A low RN mean is not by itself a defense that held: a model
+# broken by its own defense also scores 0 harm, so read it with the outcome grid above.
 
 # %%
 seeded = report([cell for domain in domains for cell in robustness.headline(study, domain, train_missing)],
@@ -201,9 +205,12 @@ summary.round(3).to_csv(f"{figures_dir}/05_headline_seeds.csv", index=False)
 if len(finals):
     long = finals.melt(id_vars=["domain", "target", "seed"], value_vars=["harm_mean", "refusal_rate"],
                        var_name="metric", value_name="final value")
+    def t_interval(values):  # the same 95% t-interval as the table, not seaborn's bootstrap
+        interval = robustness.mean_and_interval(pd.Series(values))
+        return (interval["low"], interval["high"]) if interval["n"] > 1 else (interval["mean"],) * 2
     grid = plots.sns.catplot(data=long, x="target", y="final value", col="domain", row="metric", kind="point",
-                             errorbar=("ci", 95), palette=plots.TARGET_COLORS, hue="target", height=3.0, aspect=1.0,
+                             errorbar=t_interval, palette=plots.TARGET_COLORS, hue="target", height=3.0, aspect=1.2,
                              sharey="row")
     grid.map_dataframe(plots.sns.stripplot, x="target", y="final value", color="black", size=4)
-    grid.set_axis_labels("", "final value")
+    grid.set_axis_labels("", "final value").set_titles("{row_name}, {col_name}")
     plots.save(grid.figure, "05_headline_seeds", figures_dir)
