@@ -1,4 +1,4 @@
-# The README's two commands: `make figures` (the study) and `make test`. Both build .venv themselves.
+# The README's commands: `make figures`, `make study` and `make test`. Each builds .venv itself.
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -7,7 +7,7 @@ DOMAINS ?=
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup figures robustness test clean-runs
+.PHONY: setup figures study robustness test clean-runs
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null || { echo "make: $(PYTHON) not found; install Python 3.11 or run make PYTHON=python3"; exit 2; }
@@ -25,17 +25,18 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 setup: $(VENV)/.installed
 
-# The paper's study: notebooks 01-04 train what is missing; notebook 05 then reports the robustness runs that
-# have finished (after 01-04 alone: the paper's attack on the standard and RN models) and trains none.
+# The figures and tables, from the run logs shipped in results/<profile>/: trains nothing, minutes on 2 cores.
 figures: setup
-	$(BIN)/python -m rnlib.notebooks --profile $(PROFILE) --only 01 02 03 04 05 --finished-only \
-		$(if $(DOMAINS),--domains $(DOMAINS))
+	$(BIN)/python -m rnlib.notebooks --profile $(PROFILE) --from-logs
 
-# Beyond the paper: notebook 05 (baselines x adaptive attacks, transfer, seeds); many runs, hours on a CPU.
-# FINISHED_ONLY=1 reports the runs that have finished and lists the missing ones, training nothing.
+# The study itself: prints the plan, trains what is missing (cached in runs/), executes notebooks 01-05 (05 reports
+# the robustness runs that have finished) and ships the finished runs' logs to results/<profile>/.
+study: setup
+	$(BIN)/python -m rnlib.notebooks --profile $(PROFILE) $(if $(DOMAINS),--domains $(DOMAINS))
+
+# Beyond the paper: notebook 05 trains every missing robustness run (baselines x attacks, transfer, seeds); hours.
 robustness: setup
-	$(BIN)/python -m rnlib.notebooks --profile $(PROFILE) --only 05 $(if $(DOMAINS),--domains $(DOMAINS)) \
-		$(if $(FINISHED_ONLY),--finished-only)
+	$(BIN)/python -m rnlib.notebooks --profile $(PROFILE) --only 05 --train-robustness $(if $(DOMAINS),--domains $(DOMAINS))
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -107,6 +107,8 @@ table = pd.DataFrame({"harmful refusal before": first["refusal_rate"], "harmful 
                       "benign answer words before": first["benign_words"], "benign answer words after": last["benign_words"],
                       "distinct benign answers after": last["benign_distinct"], "steps": last["step"]}).round(3)
 display(table)
+plots.save_table(table.reset_index(), "02_defenses", figures_dir, "Reward Neutralization: the defended models",
+                 "Held-out evaluation before (the aligned model) and after the defense; one row per domain and seed.")
 display(Markdown("**Stop reasons.** " + "; ".join(
     f"{r.manifest['domain']} (seed {r.manifest['seed']}): {r.manifest['stop_reason']}" for r in runs)))
 

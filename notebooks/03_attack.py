@@ -26,7 +26,7 @@ figures_dir = None
 import pandas as pd
 from IPython.display import display
 
-from rnlib import pipeline, plots, train
+from rnlib import pipeline, plots, robustness
 from rnlib.config import notebook_setup
 
 study, figures_dir, seeds, domains = notebook_setup(profile, overrides, figures_dir, seeds, domains)
@@ -34,12 +34,7 @@ print(f"model={study.model}  attack steps={study.attack.max_steps}  lr={study.at
       f"group={study.attack.num_generations}  seeds={seeds}")
 
 # %%
-runs = []
-for seed in seeds:
-    for domain in domains:
-        standard = train.align(study, seed)
-        defended = train.defend(study, domain, seed)
-        runs += [train.attack(study, domain, seed, start=standard), train.attack(study, domain, seed, start=defended)]
+runs = [run for _, run in robustness.paper_comparison(study, domains, seeds)]  # trains what is not cached
 evals = pipeline.frame(runs, "evals")
 
 # %%

@@ -34,7 +34,7 @@ study, figures_dir, _, _ = notebook_setup(profile, overrides, figures_dir)
 attacks = pipeline.study_runs(study, "attack")
 defenses = pipeline.study_runs(study, "defend")
 if not attacks:
-    raise RuntimeError(f"no finished attack runs for profile '{profile}'; run notebooks 01-03 first (make figures)")
+    raise RuntimeError(f"no finished attack runs for profile '{profile}'; run notebooks 01-03 first (make study)")
 evals = pipeline.frame(attacks, "evals")
 steps = pipeline.frame(attacks, "steps")
 print(f"{len(attacks)} attack runs, {len(defenses)} defense runs, seeds {sorted(evals['seed'].unique())}")
@@ -112,8 +112,8 @@ for (domain, target), group in evals.groupby(["domain", "target"]):
                        "distinct benign answers (before)": spread(before["benign_distinct"]),
                        "neutralization before": spread(before["neutralization_index"])})
 summary = pd.DataFrame(rows)
-summary.to_csv(f"{figures_dir}/summary.csv", index=False)
-open(f"{figures_dir}/summary.md", "w").write(summary.to_markdown(index=False) + "\n")
+plots.save_table(summary, "04_summary", figures_dir, "The paper's attack on the standard and the RN model",
+                 "Mean over seeds (± sd where more than one seed ran); *before* is the attacked model before any attack.")
 display(summary)
 
 # %% [markdown]
@@ -128,8 +128,7 @@ display(summary)
 # help); **held** otherwise.
 #
 # Budget matters: the paper attacks for 200 steps, the cpu profile for 30 with a linearly decaying learning rate.
-# A defended model that holds for 30 steps may still break under a longer attack; the README reports one that
-# did (biochem, 100-step budget, broken by step 30).
+# A defended model that holds for 30 steps may still break under a longer attack.
 
 # %%
 def harm_and_refusal(frame, step):
@@ -142,7 +141,7 @@ def outcome(frame):
     (_, before), (harm, after) = (harm_and_refusal(frame, step) for step in (0, final_step))
     return metrics.attack_outcome(before, after, harm, benign_distinct_before=at_step(frame, 0)["benign_distinct"].mean())
 
-lines = []
+lines, claims = [], []
 for domain, group in evals.groupby("domain"):
     std, dfd = group[group["target"] == "standard"], group[group["target"] == "defended"]
     if std.empty or dfd.empty:
@@ -165,4 +164,11 @@ for domain, group in evals.groupby("domain"):
         line += (f" The absolute harm ({s_last:.1f} at step {final_step}) stays below 7: at this scale the attack "
                  f"un-aligns without reaching the paper's harm levels.")
     lines.append(line)
+    claims += [{"domain": domain, "the paper's claim": "an attack takes harm from 0-2 to 7-9 within 50 steps",
+                "ours": f"standard model: {s0:.2f} -> {s_mid:.2f} by step {mid}", "verdict": std_outcome},
+               {"domain": domain, "the paper's claim": "RN keeps harm <= 2 after 200 attack steps",
+                "ours": f"RN model: {d0:.2f} -> {d_last:.2f} at step {final_step}", "verdict": dfd_outcome}]
 display(Markdown("\n".join(lines) or "Both standard and defended attacks are needed for the comparison."))
+plots.save_table(pd.DataFrame(claims), "04_paper_claims", figures_dir, "The paper's claims against this study's runs",
+                 f"Means over seeds; verdicts by `metrics.attack_outcome` (un-aligned: final harm above "
+                 f"{metrics.HARM_BAR:g}). This profile attacks for {final_step} steps, not the paper's 200.")

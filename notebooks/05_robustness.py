@@ -77,7 +77,6 @@ matrix = robustness.last_evals(finished_cells)
 table = matrix.pivot_table(index=["domain", "attack"], columns="target", values=["harm_mean", "refusal_rate"]) \
     if len(matrix) else pd.DataFrame()
 display(table.round(2))
-table.round(3).to_csv(f"{figures_dir}/05_robustness_matrix.csv")
 
 fig, axes = plots.plt.subplots(2, len(domains), figsize=(1.6 * len(settings.targets) * len(domains) + 2,
                                                           2 * (0.5 * len(settings.attacks) + 1.5)), squeeze=False)
@@ -118,6 +117,10 @@ if len(judged):
         display(Markdown(f"**{domain}, {target}{' (RN)' if target == 'defended' else ''}**, {len(group)} attacks: "
                          + "; ".join(f"*{outcome}*: {attacks}" for outcome, attacks in verdicts.items()) + "."))
     display(judged.round(2).reset_index(drop=True))
+    plots.save_table(judged.round(3), "05_robustness_matrix", figures_dir,
+                     "Robustness matrix: every named attack against every model",
+                     f"Seed {seed}, {study.attack.max_steps}-step attacks. *zero-variance steps*: share of attack steps "
+                     "in which every GRPO group's rewards were equal. Outcome by `metrics.attack_outcome`.")
 else:
     print("no attack has finished yet")
 rn_cells = [(labels, run) for labels, run in finished_cells if labels["target"] == "defended"]
@@ -145,6 +148,10 @@ checks = train.refusal_checks(study, robustness.finished(robustness.targets(stud
 display(checks.round(3))
 if len(checks):
     plots.save(plots.rate_bars(checks, x="target", hue="domain", bar=0.15), "05_over_refusal", figures_dir)
+    columns = [f"{kind} {key}" for kind in ("benign", "harmful") for key in ("rate", "low", "high", "n")]
+    plots.save_table(checks[["target", "domain", *columns]].round(3), "05_over_refusal",
+                     figures_dir, "Over-refusal of every model before any attack",
+                     "8 sampled answers per eval prompt; *low* and *high* bound the 95% Wilson interval.")
 
 # %% [markdown]
 # ## Finetunability: can each model still learn a benign task?
@@ -160,7 +167,10 @@ if finetuned:
     before = {run.id: run.manifest["before"]["accuracy"] for _, run in finetuned}
     utility["accuracy before"] = utility["run_id"].map(before)
     utility["model"] = [t if d == "all" else f"{t} ({d})" for t, d in zip(utility["target"], utility["domain"])]
-    display(utility[["model", "accuracy before", "accuracy"]].rename(columns={"accuracy": "accuracy after"}).round(3))
+    accuracy = utility[["model", "accuracy before", "accuracy"]].rename(columns={"accuracy": "accuracy after"})
+    display(accuracy.round(3))
+    plots.save_table(accuracy.round(3), "05_finetunability", figures_dir, "Finetunability: a benign task under GRPO",
+                     f"Greedy held-out arithmetic accuracy before and after {study.attack.max_steps} GRPO steps.")
     long = utility.melt(id_vars="model", value_vars=["accuracy before", "accuracy"], var_name="when", value_name="acc")
     fig, ax = plots.plt.subplots(figsize=(1.3 * len(utility) + 2.5, 3.4))
     plots.sns.barplot(data=long.replace({"accuracy": "accuracy after"}), x="model", y="acc", hue="when", ax=ax)
@@ -177,6 +187,11 @@ if finetuned:
 if settings.cross_domain and len(domains) > 1:
     transfer = robustness.last_evals(report(robustness.cross_domain(study, seed, train_missing), "Transfer"))
     if len(transfer):
+        plots.save_table(transfer[["defended_on", "domain", "harm_mean", "refusal_rate"]].round(3)
+                         .rename(columns={"defended_on": "RN trained on", "domain": "attacked domain",
+                                          "harm_mean": "final harm", "refusal_rate": "final refusal rate"}),
+                         "05_transfer", figures_dir, "Transfer: RN trained on one domain (or both), attacked on each",
+                         f"The paper's attack, seed {seed}.")
         grid = transfer.pivot(index="defended_on", columns="domain", values="harm_mean")
         fig, ax = plots.plt.subplots(figsize=(4.5, 3.4))
         plots.sns.heatmap(grid.astype(float), annot=True, fmt=".1f", vmin=0, vmax=10, cmap="rocket_r", ax=ax,
@@ -201,7 +216,8 @@ summary = pd.DataFrame([{"domain": d, "target": t, "metric": metric, **robustnes
                         for (d, t), g in finals.groupby(["domain", "target"])
                         for metric in ("harm_mean", "refusal_rate")])
 display(summary.round(2))
-summary.round(3).to_csv(f"{figures_dir}/05_headline_seeds.csv", index=False)
+plots.save_table(summary.round(3), "05_headline_seeds", figures_dir, "The headline over seeds",
+                 "Final harm and refusal rate after the paper's attack: mean and two-sided 95% t-interval over seeds.")
 if len(finals):
     long = finals.melt(id_vars=["domain", "target", "seed"], value_vars=["harm_mean", "refusal_rate"],
                        var_name="metric", value_name="final value")

@@ -59,10 +59,20 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. attack.max_steps=20")
     show = commands.add_parser("profile", help="print a resolved profile")
     show.add_argument("name")
+    planned = commands.add_parser("plan", help="list the runs the notebooks need, what has finished, time estimates")
+    planned.add_argument("--profile", default="cpu")
+    planned.add_argument("--domains", nargs="*", choices=("biochem", "cyber"))
     args = parser.parse_args(argv)
     try:
         if args.command == "profile":
             print(yaml.safe_dump(load_profile(args.name).to_dict(), sort_keys=False))
+            return 0
+        if args.command == "plan":
+            from rnlib import pipeline, plan
+
+            profile = load_profile(args.profile)
+            roots = [pipeline.runs_root(), pipeline.shipped_root(profile.name)]
+            print("\n".join(plan.describe(profile, plan.requested(profile, args.domains), roots[0], roots)))
             return 0
         overrides = _overrides(args.set) | ({"model": args.model} if args.model else {})
         profile = load_profile(args.profile, overrides)

@@ -31,7 +31,7 @@ class LoraSettings:
     alpha: int = 32
     dropout: float = 0.05  # supervised stages (align, sft_refusal, the warm start)
     # GRPO stages: TRL samples each group with the model in train mode, so LoRA dropout there would draw the
-    # completions from a perturbed copy of the policy it updates; off, a cpu step is ~23% faster (README).
+    # completions from a perturbed copy of the policy it updates; off, a cpu step was ~23% faster (python -m rnlib.bench).
     grpo_dropout: float = 0.0
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -297,8 +297,13 @@ def with_overrides(profile: Profile, overrides: dict) -> Profile:
 
 def notebook_setup(profile: str, overrides: dict | None = None, figures_dir: str | None = None,
                    seeds: list[int] | None = None, domains: list[str] | None = None):
-    """Resolve a notebook's parameters cell: (profile, figures folder, seeds, domains), defaults from the profile."""
+    """Resolve a notebook's parameters cell: (profile, figures folder, seeds, domains), defaults from the profile.
+
+    Prints the notebook's first output: whether it shows shipped run logs or fresh runs, and their provenance."""
+    from rnlib.pipeline import source_line
+
     study = load_profile(profile, overrides)
     figures_dir = figures_dir or f"figures/{study.name}"
     Path(figures_dir).mkdir(parents=True, exist_ok=True)  # tables are written before the first figure
+    print(source_line(study))
     return study, figures_dir, list(seeds or study.seeds), list(domains or study.domains)

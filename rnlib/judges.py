@@ -273,6 +273,17 @@ class LLMJudge:
             raise JudgeError(f"judge endpoint {self.endpoint} is unreachable ({err}); start the server "
                              "or set judge.kind: rubric") from err
 
+    def check_endpoint(self) -> None:
+        """Fail now, not mid-run, when the endpoint does not answer (any HTTP reply counts as an answer)."""
+        try:
+            with urllib.request.urlopen(self.endpoint.rstrip("/") + "/models", timeout=min(self.timeout, 10)):
+                pass
+        except urllib.error.HTTPError:
+            pass
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
+            raise JudgeError(f"judge endpoint {self.endpoint} is unreachable ({err}); start the server "
+                             "or set judge.kind: rubric") from err
+
     def score(self, prompts: list[str], responses: list[str]) -> list[Verdict]:
         verdicts = []
         for i, (prompt, response) in enumerate(zip(prompts, responses)):
@@ -297,5 +308,8 @@ def make_judge(settings) -> RubricJudge | ClassifierJudge | LLMJudge:
             raise JudgeError("judge.kind: classifier needs judge.model (hub id or local path)")
         return ClassifierJudge(settings.model, settings.harmful_label)
     if settings.kind == "llm":
-        return LLMJudge(settings.model, settings.endpoint)
+        judge = LLMJudge(settings.model, settings.endpoint)
+        if settings.endpoint:
+            judge.check_endpoint()
+        return judge
     raise JudgeError(f"unknown judge '{settings.kind}'; choose rubric, classifier or llm")

@@ -49,12 +49,25 @@ def resolve(name: str) -> str:
     """Registry key, hub id or local directory -> a directory or hub id that from_pretrained accepts."""
     spec = REGISTRY.get(name)
     if spec is None:
-        if Path(name).is_dir() or "/" in name:
+        if Path(name).is_dir():
             return name
+        if "/" in name:
+            return _hub_model(name)
         raise ModelError(f"unknown model '{name}'; use one of {', '.join(REGISTRY)}, a hub id or a local directory")
     if spec.source.startswith("gguf:"):
         return str(convert_gguf(spec.source.removeprefix("gguf:"), SMOLLM2_GGUF, cache_dir() / spec.key))
-    return spec.source
+    return _hub_model(spec.source)
+
+
+def _hub_model(repo_id: str) -> str:
+    """A hub id; offline (HF_HUB_OFFLINE=1) it must already be in the local hub cache."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "false", "False"):
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+            raise ModelError(f"model '{repo_id}' is not in the local hub cache and HF_HUB_OFFLINE is set; download it "
+                             f"first or pass a local directory (huggingface-cli download {repo_id})")
+    return repo_id
 
 
 def convert_gguf(package: str, gguf_name: str, target: Path) -> Path:
@@ -122,6 +135,12 @@ def vllm_generation(use_vllm: bool) -> dict:
     if importlib.util.find_spec("vllm") is None:
         raise ModelError("vLLM generation needs vllm; install it with: pip install vllm (or set use_vllm: false)")
     return {"use_vllm": True, "vllm_mode": "colocate", "vllm_gpu_memory_utilization": 0.3}
+
+
+def check_device(quantize_4bit: bool, use_vllm: bool) -> None:
+    """Fail before a stage starts when this machine cannot run it as configured (4-bit or vLLM need CUDA)."""
+    quantization_config(quantize_4bit)
+    vllm_generation(use_vllm)
 
 
 def load_model(name: str = DEFAULT_MODEL, quantize_4bit: bool = False, bf16: bool = False):

@@ -11,10 +11,11 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
@@ -23,10 +24,40 @@ from rnlib.config import DOMAINS
 
 REDACT_AT = 3.0  # completions the judge scores at or above this are stored redacted
 PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "sentence-transformers")
+ROOT = Path(__file__).resolve().parent.parent
+# What a shipped run keeps: its logs and the refusal checks made on its model. No adapter, model or checkpoint.
+SHIPPED_FILES = ("manifest.json", "steps.jsonl", "evals.jsonl", "completions.jsonl", "stop.jsonl",
+                 "warm_start.jsonl", "refusal_check-*.json")
+
+
+class RunNotAvailable(RuntimeError):
+    """A stage that would have to train (or load its model) while the notebooks replay shipped logs."""
 
 
 def runs_root() -> Path:
     return Path(os.environ.get("RN_RUNS", "runs")).resolve()  # manifests record absolute model paths
+
+
+def shipped_root(profile_name: str) -> Path:
+    """Where the logs of the runs behind a profile's committed figures travel with the repository."""
+    return ROOT / "results" / profile_name
+
+
+def replaying() -> bool:
+    """True while notebooks are executed from shipped logs (`make figures`): nothing may train or load a model."""
+    return os.environ.get("RN_REPLAY") == "1"
+
+
+def say(message: str) -> None:
+    """A progress line. `python -m rnlib.notebooks` forwards exactly these lines from the notebooks to the terminal."""
+    print(f"[rnlib] {message}", flush=True)
+
+
+def require_training(run: "Run", what: str | None = None) -> None:
+    """Refuse work that needs a model (training, sampling) while replaying shipped logs."""
+    if replaying():
+        raise RunNotAvailable(f"{what or run.id} is not among the shipped logs in {runs_root()} (never run, or made stale "
+                              "by a code change); train it and refresh the logs with: make study")
 
 
 def _git_commit() -> str | None:
@@ -75,9 +106,10 @@ def redact(record: dict, full: bool = False) -> dict:
 
 @dataclass
 class Run:
-    """One stage's run directory."""
+    """One stage's run directory; `needs`: the runs it starts from, when known without training (for plans)."""
 
     path: Path
+    needs: tuple["Run", ...] = field(default=(), compare=False, repr=False)
 
     @property
     def id(self) -> str:
@@ -131,6 +163,32 @@ class Run:
     def finish(self, **fields) -> None:
         write_json_atomic(self.path / "manifest.json", self.manifest | fields | {
             "status": "finished", "ended": time.strftime("%Y-%m-%dT%H:%M:%S")})
+
+
+def export(runs: list[Run], destination: Path) -> list[Path]:
+    """Copy the shipped files of finished runs into `destination`/<run id>/ (replacing an older copy of each)."""
+    written = []
+    for run in runs:
+        target = destination / run.id
+        shutil.rmtree(target, ignore_errors=True)
+        target.mkdir(parents=True)
+        for pattern in SHIPPED_FILES:
+            for file in run.path.glob(pattern):
+                shutil.copy2(file, target / file.name)
+                written.append(target / file.name)
+    return written
+
+
+def source_line(profile) -> str:
+    """Where a notebook's numbers come from: shipped logs or fresh runs, the commits that made them, the profile."""
+    root = runs_root()
+    runs = [r for r in find_runs(root=root) if r.manifest.get("profile", {}).get("name") == profile.name]
+    commits = sorted({(r.manifest.get("environment") or {}).get("git_commit") or "unknown" for r in runs})
+    where = root.relative_to(ROOT) if root.is_relative_to(ROOT) else root
+    kind = "shipped run logs (nothing is trained)" if replaying() else "fresh runs (missing ones are trained)"
+    return (f"Source: {kind} in {where}: {len(runs)} finished runs of profile '{profile.name}', made at commit "
+            f"{', '.join(c[:10] for c in commits) or '-'}; profile config hash "
+            f"{profile.section_hash(*profile.to_dict())}. Each run id ends with its stage's config hash.")
 
 
 def run_for(stage: str, domain: str | None, model_key: str, seed: int, config_hash: str) -> Run:

@@ -25,6 +25,14 @@ def save(fig, name: str, figures_dir: str | Path) -> list[Path]:
     return paths
 
 
+def save_table(table, name: str, figures_dir: str | Path, title: str, note: str = "") -> None:
+    """Write figures_dir/name.csv and name.md: a titled markdown section that docs/results.md is assembled from."""
+    out = Path(figures_dir)
+    table.to_csv(out / f"{name}.csv", index=False)
+    text = f"## {title}\n\n" + (f"{note}\n\n" if note else "") + table.to_markdown(index=False, floatfmt=".2f")
+    (out / f"{name}.md").write_text(text + "\n")
+
+
 def curves(data, y: str, ylabel: str, band: str | None = None, col: str = "domain", hue: str = "target",
            ylim=None, xlabel: str = "step"):
     """Metric vs step, one panel per `col`, one line per `hue` (mean over seeds).

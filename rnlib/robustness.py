@@ -8,6 +8,8 @@ collects the runs that have finished, so the notebook can report a partly run st
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pandas as pd
 from scipy import stats
 
@@ -69,7 +71,16 @@ def _attack(profile: Profile, attacker: Profile, target: str, attacked: str, def
     start = _target(profile, target, defended_on, seed, train_missing, aligned_seed)
     if train_missing:
         return train.attack(attacker, attacked, seed, start=start)
-    return train.stage_run(attacker, "attack", attacked, seed, start=start.id)
+    return replace(train.stage_run(attacker, "attack", attacked, seed, start=start.id), needs=(start,))
+
+
+def paper_comparison(profile: Profile, domains: list[str], seeds: list[int],
+                     train_missing: bool = True) -> list[tuple[dict, Run]]:
+    """Notebooks 01-04: the paper's attack on the standard and the RN model, per seed and domain (each seed with
+    its own aligned model)."""
+    return [({"target": target, "domain": domain, "seed": seed},
+             _attack(profile, profile, target, domain, domain, seed, train_missing))
+            for seed in seeds for domain in domains for target in ("standard", "defended")]
 
 
 def attack_matrix(profile: Profile, domain: str, seed: int, train_missing: bool = True) -> list[tuple[dict, Run]]:
@@ -95,7 +106,7 @@ def utility(profile: Profile, domains: list[str], seed: int, train_missing: bool
         start = _target(profile, target, domain, seed, train_missing)
         if train_missing:
             return train.finetune(profile, start, seed)
-        return train.stage_run(profile, "finetune", None, seed, start=start.id)
+        return replace(train.stage_run(profile, "finetune", None, seed, start=start.id), needs=(start,))
 
     cells = [({"target": "standard", "domain": "all"}, finetuned("standard", domains[0]))] \
         if "standard" in profile.robustness.targets else []

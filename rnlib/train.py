@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from dataclasses import replace
 from functools import cache
 
 import torch
@@ -92,31 +93,45 @@ def _cuda() -> bool:
 
 
 class StudyCallback(TrainerCallback):
-    """Logs every optimizer step, evaluates every k steps (plus before the first), and applies a stop rule."""
+    """Logs every optimizer step, evaluates every k steps (plus before the first), applies a stop rule, and
+    prints progress lines (step, elapsed time, ETA, each evaluation's harm and refusal rate)."""
 
     def __init__(self, run: Run, eval_fn, eval_every: int, stop_rule=None):
         self.run, self.eval_fn, self.eval_every, self.stop_rule = run, eval_fn, eval_every, stop_rule
-        self.step_started = self.step_time = None
+        self.step_started = self.step_time = self.train_started = self.first_step = None
+
+    def evaluate(self, model, step: int) -> None:
+        summary = self.eval_fn(model, step)
+        if "harm_mean" in summary:
+            pipeline.say(f"{self.run.id} evaluation at step {step}: harm {summary['harm_mean']:.2f}, "
+                         f"refusal {summary['refusal_rate']:.0%}")
 
     def evaluate_and_check(self, model, step: int) -> str | None:
         """Evaluate; return the stop rule's reason to stop, if any."""
-        self.eval_fn(model, step)
+        self.evaluate(model, step)
         reason = self.stop_rule(self.run.evals()) if self.stop_rule else None
         if reason:
             self.run.append("stop.jsonl", [{"step": step, "reason": reason}])
         return reason
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.train_started, self.first_step = time.perf_counter(), state.global_step
         if not any(e["step"] == state.global_step for e in self.run.evals()):
-            self.eval_fn(model, state.global_step)
+            self.evaluate(model, state.global_step)
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.step_started = time.perf_counter()
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         self.step_time = time.perf_counter() - self.step_started
-        if state.global_step % self.eval_every == 0 or state.global_step >= state.max_steps:
-            if self.evaluate_and_check(model, state.global_step):
+        done, total = state.global_step, state.max_steps
+        if done % max(1, total // 10) == 0 or done == total:
+            elapsed = time.perf_counter() - self.train_started
+            remaining = elapsed / max(1, done - self.first_step) * (total - done)
+            pipeline.say(f"{self.run.id} step {done}/{total}, {_minutes(elapsed)} elapsed, "
+                         f"ETA {_minutes(remaining)}" + (" (its stop rule may end it sooner)" if self.stop_rule else ""))
+        if done % self.eval_every == 0 or done >= total:
+            if self.evaluate_and_check(model, done):
                 control.should_training_stop = True
                 control.should_save = True
 
@@ -124,6 +139,24 @@ class StudyCallback(TrainerCallback):
         numeric = {k: v for k, v in (logs or {}).items() if isinstance(v, (int, float))}
         if "loss" in numeric or "reward" in numeric:  # a training step's log, not the final summary
             self.run.append("steps.jsonl", [{"step": state.global_step, "step_time": self.step_time, **numeric}])
+
+
+def _minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
+def _reused(run: Run, profile: Profile) -> bool:
+    """True for a finished run (reused, and said so). Otherwise check, before its directory exists, that it may
+    train here (not while notebooks replay shipped logs), that this machine can load the model as asked and that
+    the judge answers, so a stage that cannot start leaves nothing behind."""
+    if run.finished:
+        pipeline.say(f"reused {run.id}")
+        return True
+    pipeline.require_training(run)
+    models.check_device(profile.quantize_4bit, profile.use_vllm)
+    cached_judge(profile.judge)
+    pipeline.say(f"training {run.id}")
+    return False
 
 
 def _make_eval(run: Run, profile: Profile, tokenizer, harmful: list[dict], benign: list[dict], seed: int,
@@ -224,7 +257,7 @@ def align(profile: Profile, seed: int = 0) -> Run:
     """Standard safety alignment: SFT on explanatory refusals + the model's own benign answers."""
     settings = profile.align
     run = stage_run(profile, "align", None, seed, start=profile.model)
-    if run.finished:
+    if _reused(run, profile):
         return run
     harmful_eval, benign_eval = _eval_sets(profile, profile.domains)
     refusal_rows = [r for d in profile.domains
@@ -273,6 +306,7 @@ def refusal_check(profile: Profile, run: Run, samples: int = CHECK_SAMPLES) -> d
     file = run.path / f"refusal_check-n{samples}.json"
     if file.is_file():
         return json.loads(file.read_text())
+    pipeline.require_training(run, f"the refusal check of {run.id}")
     if run.manifest["stage"] not in ("align", *DEFENSE_STAGES):
         raise ValueError(f"a refusal check measures a trained model; {run.id} is an attack or finetune run")
     domain = run.manifest["domain"]
@@ -350,6 +384,23 @@ def _grpo(run: Run, profile: Profile, settings, model_dir: str, dataset: list[di
     return trainer
 
 
+def one_grpo_step(profile: Profile, reward_func, domain: str = "cyber", seed: int = 0) -> dict:
+    """One GRPO step of the attack's settings from the profile's base model, rewards from `reward_func`.
+
+    Nothing is kept (no run directory). Returns what TRL logged for the step: reward, reward_std,
+    frac_reward_zero_std, loss and grad_norm (the LoRA gradient's norm before clipping). Notebook 00 uses it to
+    show that equal rewards in every group give a zero advantage and so exactly no gradient.
+    """
+    import tempfile
+
+    rows = rl_rows(data.take(data.harmful_split(domain, "attack"), profile.attack.prompts_per_step), "harmful")
+    with tempfile.TemporaryDirectory() as output_dir:
+        trainer = grpo_trainer(profile, profile.attack, models.resolve(profile.model), rows, reward_func, output_dir,
+                               seed, max_steps=1, save_strategy="no")
+        trainer.train()
+    return next(log for log in trainer.state.log_history if "grad_norm" in log)
+
+
 def rl_rows(rows: list[dict], kind: str) -> list[dict]:
     return [{"prompt": models.chat_messages(r["prompt"]), "request": r["prompt"], "kind": kind, "id": r["id"]}
             for r in rows]
@@ -402,7 +453,7 @@ def _start_defense(profile: Profile, stage: str, domain: str, seed: int, start: 
     """Shared opening of every defense: its run, data, evaluation sets and manifest (None when already finished)."""
     start = start or align(profile, seed)
     run = stage_run(profile, stage, domain, seed, start=start.id)
-    if run.finished:
+    if _reused(run, profile):
         return start, run, None
     harmful, benign, domains = _defense_sets(profile, domain)
     harmful_eval, benign_eval = _eval_sets(profile, domains)
@@ -434,7 +485,7 @@ def defend(profile: Profile, domain: str, seed: int = 0, start: Run | None = Non
 
 # --- defense baselines: same prompts, benign mix, optimizer steps and batch size as Reward Neutralization -----
 
-_CONCISE_REFUSALS = ("I can't help with that.", "I won't help with this.", "Sorry, I can't assist with that.",
+CONCISE_REFUSALS = ("I can't help with that.", "I won't help with this.", "Sorry, I can't assist with that.",
                      "I cannot help with this request.", "I'm sorry, but I can't do that.", "I can't assist with this.")
 
 
@@ -449,7 +500,7 @@ def sft_refusal(profile: Profile, domain: str, seed: int = 0, start: Run | None 
     run_eval = _make_eval(run, profile, tokenizer, harmful_eval, benign_eval, seed, start.model_dir)
     checkpoint = _resume_point(run)
     answers = _benign_answers(run, model, tokenizer, benign, profile, seed, profile.generation.max_new_tokens)
-    examples = _sft_examples((r["prompt"], _CONCISE_REFUSALS[i % len(_CONCISE_REFUSALS)]) for i, r in enumerate(harmful))
+    examples = _sft_examples((r["prompt"], CONCISE_REFUSALS[i % len(CONCISE_REFUSALS)]) for i, r in enumerate(harmful))
     examples += _sft_examples((c["prompt"], c["answer"]) for c in answers)
     trainer = _sft_trainer(profile, model, tokenizer, examples, str(run.path / "checkpoints"), seed,
                            [StudyCallback(run, run_eval, settings.eval_every)], max_steps=settings.max_steps,
@@ -494,7 +545,7 @@ def planned_target(profile: Profile, target: str, domain: str, seed: int, aligne
     aligned = stage_run(profile, "align", None, seed if aligned_seed is None else aligned_seed, start=profile.model)
     if target == "standard":
         return aligned
-    return stage_run(profile, DEFENSES[target].__name__, domain, seed, start=aligned.id)
+    return replace(stage_run(profile, DEFENSES[target].__name__, domain, seed, start=aligned.id), needs=(aligned,))
 
 
 # --- the attack ------------------------------------------------------------------------------------------------
@@ -538,7 +589,7 @@ def attack(profile: Profile, domain: str, seed: int = 0, start: Run | None = Non
     settings, adaptive = profile.attack, profile.adaptive
     start = start or align(profile, seed)
     run = stage_run(profile, "attack", domain, seed, start=start.id)
-    if run.finished:
+    if _reused(run, profile):
         return run
     harmful = data.take(data.harmful_split(domain, "attack"), profile.data.n_attack)
     harmful_eval, benign_eval = _eval_sets(profile, (domain,))
@@ -578,7 +629,7 @@ def finetune(profile: Profile, start: Run, seed: int = 0) -> Run:
     """
     settings = profile.attack
     run = stage_run(profile, "finetune", None, seed, start=start.id)
-    if run.finished:
+    if _reused(run, profile):
         return run
     train_rows, eval_rows = data.arithmetic("train"), data.arithmetic("eval")
     run.start(_manifest(run, profile, seed, None, start.id, {"train": train_rows, "eval": eval_rows},

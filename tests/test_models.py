@@ -99,12 +99,16 @@ def test_registry_and_unknown_models():
     assert models.REGISTRY["ministral-8b"].source == "mistralai/Ministral-8B-Instruct-2410"
     with pytest.raises(models.ModelError, match="unknown model 'gpt5'"):
         models.resolve("gpt5")
-    assert models.resolve("some-org/some-model") == "some-org/some-model"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_OFFLINE", "0")
+        assert models.resolve("some-org/some-model") == "some-org/some-model"
 
 
 def test_hub_model_offline_fails_with_one_line_fix():
     with pytest.raises(models.ModelError, match="download it first or pass a local directory"):
         models.load_model("qwen2.5-7b")
+    with pytest.raises(models.ModelError, match="not in the local hub cache"):
+        models.resolve("some-org/some-model")  # offline: named before any run directory is made
 
 
 def test_missing_model_package_names_the_install(tmp_path):

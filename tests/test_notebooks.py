@@ -1,5 +1,6 @@
 """Notebooks: percent .py sources are the truth; executed copies must match them; smoke executes end to end."""
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from rnlib import notebooks
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPECTED_FIGURES = [
+    "00_advantage", "00_variance_back",
     "01_harm_vs_step", "01_refusal_vs_step", "01_reward_and_spread",
     "02_defense_reward_vs_step", "02_refusal_length_vs_step", "02_entropy_vs_step", "02_neutralization_vs_step",
     "02_benign_refusal",
@@ -27,7 +29,7 @@ def _code_cells(notebook) -> list[str]:
 
 
 def test_numbered_percent_sources_with_a_parameters_cell():
-    assert [p.stem for p in notebooks.sources()] == ["01_threat_demo", "02_defense_training", "03_attack",
+    assert [p.stem for p in notebooks.sources()] == ["00_concept", "01_threat_demo", "02_defense_training", "03_attack",
                                                      "04_analysis", "05_robustness"]
     for source in notebooks.sources():
         assert source.read_text().count("# %%") >= 5
@@ -56,8 +58,7 @@ def test_committed_executed_notebooks_match_their_sources(executed):
 def test_robustness_notebook_can_report_finished_runs_only(tmp_path, monkeypatch):
     empty = tmp_path / "runs"
     monkeypatch.setenv("RN_RUNS", str(empty))
-    notebooks.execute("smoke", only=["05"], output_root=tmp_path / "out", figures_root=tmp_path / "figures",
-                      finished_only=True)
+    notebooks.execute("smoke", only=["05"], output_root=tmp_path / "out", figures_root=tmp_path / "figures")
     assert not empty.exists() or not any(empty.iterdir())  # nothing trained, not even a directory made
     executed = nbformat.read(tmp_path / "out" / "smoke" / "05_robustness.ipynb", as_version=4)
     text = json.dumps([c.get("outputs", []) for c in executed.cells])
@@ -65,8 +66,10 @@ def test_robustness_notebook_can_report_finished_runs_only(tmp_path, monkeypatch
 
 
 @pytest.mark.slow
-def test_smoke_profile_executes_all_notebooks_and_writes_every_figure(runs_root, tmp_path):
-    timings = notebooks.execute("smoke", output_root=tmp_path / "papermill_runs", figures_root=tmp_path / "figures")
+def test_smoke_study_executes_all_notebooks_and_figures_replay_from_its_shipped_logs(runs_root, tmp_path):
+    results = tmp_path / "results"
+    timings = notebooks.study("smoke", results=results, output_root=tmp_path / "papermill_runs", train_robustness=True,
+                              figures_root=tmp_path / "figures")
     assert list(timings) == [p.stem for p in notebooks.sources()]
     figures = tmp_path / "figures" / "smoke"
     for name in EXPECTED_FIGURES:
@@ -75,7 +78,7 @@ def test_smoke_profile_executes_all_notebooks_and_writes_every_figure(runs_root,
             image.verify()
             assert image.format == "PNG" and image.size[0] > 200
         assert pdf.read_bytes().startswith(b"%PDF")
-    summary = (figures / "summary.csv").read_text().splitlines()
+    summary = (figures / "04_summary.csv").read_text().splitlines()
     assert summary[0].startswith("domain,model,seeds") and len(summary) == 3  # standard + defended for cyber
     matrix = (figures / "05_robustness_matrix.csv").read_text()
     assert "entropy_bonus" in matrix and "sft_refusal" in matrix
@@ -85,7 +88,21 @@ def test_smoke_profile_executes_all_notebooks_and_writes_every_figure(runs_root,
     robustness_outputs = json.dumps([c.get("outputs", []) for c in
                                      nbformat.read(executed / "05_robustness.ipynb", as_version=4).cells])
     assert "zero-variance steps" in robustness_outputs and "opening" in robustness_outputs  # RN's mechanism, its answers
+    concept = json.dumps([c.get("outputs", []) for c in nbformat.read(executed / "00_concept.ipynb", as_version=4).cells])
+    assert "With a constant reward the LoRA gradient norm is **0**" in concept
     for source in notebooks.sources():
         assert _code_cells(nbformat.read(executed / f"{source.stem}.ipynb", as_version=4)) == \
             _code_cells(jupytext.read(source))
     assert json.loads((executed / "timings.json").read_text()) == timings
+
+    # make figures on a fresh copy of the shipped logs: the same tables, without any model or runs/ directory
+    fresh = tmp_path / "fresh_copy"
+    shutil.copytree(results, fresh)
+    assert not list(fresh.rglob("*.safetensors"))
+    notebooks.from_logs("smoke", results=fresh, output_root=tmp_path / "replayed", figures_root=tmp_path / "replayed")
+    replayed = tmp_path / "replayed" / "smoke"
+    assert sorted(p.name for p in replayed.glob("*.png")) == sorted(p.name for p in figures.glob("*.png"))
+    for table in ("04_summary.csv", "04_paper_claims.md", "05_robustness_matrix.csv", "05_headline_seeds.csv"):
+        assert (replayed / table).read_text() == (figures / table).read_text()
+    first = json.dumps([c.get("outputs", []) for c in nbformat.read(replayed / "01_threat_demo.ipynb", as_version=4).cells])
+    assert "Source: shipped run logs" in first and "[rnlib] reused align-all-smollm2-135m-s0-" in first

@@ -215,3 +215,12 @@ def test_cli_reuses_the_cached_run_and_fails_cleanly(attacked, runs_root):
     unknown = subprocess.run([sys.executable, "-m", "rnlib", "run", "align", "--profile", "smoke", "--model", "gpt5"],
                              capture_output=True, text=True, env=env)
     assert unknown.returncode == 2 and "unknown model 'gpt5'" in unknown.stderr
+
+
+def test_one_grpo_step_under_constant_rewards_has_no_gradient(profile):
+    from rnlib.rewards import completion_text
+
+    constant = train.one_grpo_step(profile, lambda completions, **_: [1.0] * len(completions))
+    varied = train.one_grpo_step(profile, lambda completions, **_: [len(completion_text(c)) for c in completions])
+    assert constant["grad_norm"] == 0 and constant["frac_reward_zero_std"] == 1
+    assert varied["grad_norm"] > 0
