@@ -6,6 +6,7 @@ the fix and exit 2; finished stages stay cached and an interrupted one resumes o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 
@@ -76,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         overrides = _overrides(args.set) | ({"model": args.model} if args.model else {})
         profile = load_profile(args.profile, overrides)
-        result = run_stage(args.stage, profile, args.domain, args.seed, args.target, args.defended_on)
+        with contextlib.redirect_stdout(sys.stderr):  # progress to stderr; stdout is the result, as JSON
+            result = run_stage(args.stage, profile, args.domain, args.seed, args.target, args.defended_on)
         print(json.dumps({"run": str(result.path), "stop_reason": result.manifest.get("stop_reason"),
                           "after": result.manifest.get("after")}, indent=2))
         return 0

@@ -168,7 +168,7 @@ def from_logs(profile_name: str, results: Path | None = None, **options) -> dict
 
 def study(profile_name: str, results: Path | None = None, **options) -> dict[str, float]:
     """`make study`: print the plan, train what is missing, execute the notebooks, ship the finished runs' logs."""
-    from rnlib import plan
+    from rnlib import plan, train
     from rnlib.config import load_profile
 
     profile = load_profile(profile_name)
@@ -179,6 +179,9 @@ def study(profile_name: str, results: Path | None = None, **options) -> dict[str
     timings = execute(profile.name, **options)
     everything = plan.requested(profile)
     finished = [item.run for item in everything if item.run.finished]
+    for run in finished:  # replaying notebooks read every shipped model's refusal check; none may be missing
+        if run.manifest["stage"] in ("align", *train.DEFENSE_STAGES):
+            train.refusal_check(profile, run)
     written = pipeline.export(finished, results)
     for run in plan.stale(profile, everything, results):
         shutil.rmtree(run.path)
