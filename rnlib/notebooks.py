@@ -123,11 +123,11 @@ def results_doc(profile_name: str, figures_dir: Path, results: Path) -> str:
     """docs/results.md: the tables the notebooks wrote (figures_dir/*.md), in notebook order, under a header that
     names the runs they come from."""
     runs = pipeline.find_runs(root=results)
-    commits = sorted({(r.manifest.get("environment") or {}).get("git_commit") or "unknown" for r in runs})
+    commits = pipeline.run_commits(runs)
     where = results.relative_to(ROOT) if results.is_relative_to(ROOT) else results
     header = (f"# Results: profile `{profile_name}`\n\n"
               f"Written by `make figures` from the logs of {len(runs)} runs shipped in `{where}/` (made at commit "
-              f"{', '.join(c[:10] for c in commits)}); do not edit by hand. Each table is also a CSV in "
+              f"{', '.join(commits)}); do not edit by hand. Each table is also a CSV in "
               f"`figures/{profile_name}/`, and the notebook that wrote it is executed in `papermill_runs/{profile_name}/` "
               "(the table's name starts with the notebook's number). Every run id names its stage, domain, model, "
               "seed and config hash; its manifest, step log and evaluations are in the shipped logs.\n")

@@ -179,15 +179,25 @@ def export(runs: list[Run], destination: Path) -> list[Path]:
     return written
 
 
+def profile_runs(profile_name: str, root: Path) -> list[Run]:
+    """Finished runs under `root` that a profile of this name made."""
+    return [r for r in find_runs(root=root) if r.manifest.get("profile", {}).get("name") == profile_name]
+
+
+def run_commits(runs: list[Run]) -> list[str]:
+    """The git commits (first 10 characters) whose code made these runs."""
+    return sorted({((r.manifest.get("environment") or {}).get("git_commit") or "unknown")[:10] for r in runs})
+
+
 def source_line(profile) -> str:
     """Where a notebook's numbers come from: shipped logs or fresh runs, the commits that made them, the profile."""
     root = runs_root()
-    runs = [r for r in find_runs(root=root) if r.manifest.get("profile", {}).get("name") == profile.name]
-    commits = sorted({(r.manifest.get("environment") or {}).get("git_commit") or "unknown" for r in runs})
+    runs = profile_runs(profile.name, root)
+    commits = run_commits(runs)
     where = root.relative_to(ROOT) if root.is_relative_to(ROOT) else root
     kind = "shipped run logs (nothing is trained)" if replaying() else "fresh runs (missing ones are trained)"
     return (f"Source: {kind} in {where}: {len(runs)} finished runs of profile '{profile.name}', made at commit "
-            f"{', '.join(c[:10] for c in commits) or '-'}; profile config hash "
+            f"{', '.join(commits) or '-'}; profile config hash "
             f"{profile.section_hash(*profile.to_dict())}. Each run id ends with its stage's config hash.")
 
 

@@ -79,8 +79,7 @@ def stage_minutes(roots: list[Path]) -> dict[str, float]:
 def stale(profile: Profile, items: list[Item], root: Path) -> list[Run]:
     """Finished runs of this profile under `root` that the current code no longer asks for (changed config hash)."""
     wanted = {item.run.id for item in items}
-    return [run for run in pipeline.find_runs(root=root)
-            if run.manifest.get("profile", {}).get("name") == profile.name and run.id not in wanted]
+    return [run for run in pipeline.profile_runs(profile.name, root) if run.id not in wanted]
 
 
 def describe(profile: Profile, items: list[Item], root: Path, estimate_from: list[Path]) -> list[str]:
