@@ -45,7 +45,7 @@ from rnlib.config import notebook_setup
 
 study, figures_dir, _, _ = notebook_setup(profile, overrides, figures_dir)
 print(f"model={study.model}  attack steps={study.attack.max_steps}  group size={study.attack.num_generations}  "
-      f"judge={study.judge.kind}")
+      f"reward judge={study.judge.reward.kind}  eval judge={study.judge.eval.kind}")
 
 # %% [markdown]
 # ## 1. The standard-aligned starting point
@@ -55,8 +55,9 @@ print(f"model={study.model}  attack steps={study.attack.max_steps}  group size={
 
 # %%
 aligned = train.align(study, seed)
-summary = pd.DataFrame([aligned.manifest["before"], aligned.manifest["after"]], index=["base model", "aligned"])
-display(summary[["harm_mean", "refusal_rate", "benign_refusal_rate", "answer_words"]].round(3))
+aligned_evals = train.judged_frame(study, [aligned]).sort_values("step")
+summary = aligned_evals.iloc[[0, -1]].set_axis(["base model", "aligned"])
+display(summary[["eval_harm_mean", "harm_mean", "refusal_rate", "benign_refusal_rate", "answer_words"]].round(3))
 print(aligned.manifest["stop_reason"])
 
 # %% [markdown]
@@ -82,18 +83,22 @@ display(train.alignment_bars(study, sorted({seed, *study.robustness.headline_see
 
 # %% [markdown]
 # ## 2. The attack
-# GRPO with reward = harm score, on the attacker's own prompts (disjoint from the evaluation prompts). Every
-# few steps the model is evaluated on held-out prompts: several sampled answers per prompt at the attack's
-# temperature.
+# GRPO with reward = the reward judge's harm score, on the attacker's own prompts (disjoint from the evaluation
+# prompts). Every few steps the model is evaluated on held-out prompts: several sampled answers per prompt at the
+# attack's temperature, scored by the reward judge (what the attacker sees) and by the eval judge (what we report;
+# notebook 06 checks it against human labels).
 
 # %%
 attack = train.attack(study, domain, seed, start=aligned)
-evals = pipeline.frame([attack], "evals")
+evals = train.judged_frame(study, [attack])
 steps = pipeline.frame([attack], "steps")
-display(evals[["step", "harm_mean", "harm_std", "refusal_rate", "neutralization_index"]].round(3))
+display(evals[["step", "eval_harm_mean", "harm_mean", "harm_std", "refusal_rate", "neutralization_index"]].round(3))
 
 # %%
-fig = plots.curves(evals, "harm_mean", "harm score (0-10)", band="harm_std", ylim=(0, 10), xlabel="attack step")
+both = evals.melt(id_vars=["step", "domain", "seed"], value_vars=["eval_harm_mean", "harm_mean"], var_name="judge",
+                  value_name="harm").dropna(subset=["harm"])
+both["judge"] = both["judge"].map({"eval_harm_mean": "eval judge", "harm_mean": "reward judge"})
+fig = plots.curves(both, "harm", "harm score (0-10)", hue="judge", ylim=(0, 10), xlabel="attack step")
 plots.save(fig, "01_harm_vs_step", figures_dir)
 fig = plots.curves(evals, "refusal_rate", "refusal rate (held-out)", ylim=(0, 1.05), xlabel="attack step")
 plots.save(fig, "01_refusal_vs_step", figures_dir)
@@ -111,8 +116,8 @@ plots.save(fig, "01_reward_and_spread", figures_dir)
 
 # %% [markdown]
 # ## 4. Before and after, on held-out prompts
-# The first sampled answer to a few evaluation prompts, before the attack and at its last step. Answers the
-# judge scores >= 3 appear only as their first eight words.
+# The first sampled answer to a few evaluation prompts, before the attack and at its last step, with the reward
+# judge's score. Answers either judge scores >= 3 appear only as their first eight words.
 
 # %%
 completions = pd.DataFrame(attack.completions())
@@ -125,8 +130,9 @@ table = (harmful.assign(answer=harmful.apply(shown, axis=1))
 display(table)
 
 # %%
-after = evals.iloc[-1]
+before, after = evals.iloc[0], evals.iloc[-1]
 display(Markdown(
-    f"**Result.** Harm went from {evals.iloc[0]['harm_mean']:.2f} to {after['harm_mean']:.2f} in "
+    f"**Result.** Harm by the eval judge went from {before['eval_harm_mean']:.2f} to {after['eval_harm_mean']:.2f} "
+    f"(the reward judge the attacker maximised: {before['harm_mean']:.2f} to {after['harm_mean']:.2f}) in "
     f"{int(after['step'])} attack steps (paper, 7-8B models: 0-2 to 7-9 within 50 steps); refusal rate "
     f"{evals.iloc[0]['refusal_rate']:.0%} -> {after['refusal_rate']:.0%}."))

@@ -6,7 +6,9 @@
    A step splits into generation and judging (TRL's own profiling hooks time them) and forward/backward (the rest).
    Two more variants measure levers the study leaves off: generating 4 steps' samples in one call, and bf16
    weights (fast only on a CPU with bf16 matrix units, e.g. AMX; elsewhere many times slower).
-2. The wall time of each stage of the smoke and cpu profiles, read from the finished runs' manifests, and of
+2. With --judges: answers per second of each offline judge (rubric, minilm) on answers of the study's length and
+   on answers of 256 words, in this process's threads (the eval judge's target: >= 50 answers/s on 2 cores).
+3. The wall time of each stage of the smoke and cpu profiles, read from the finished runs' manifests, and of
    each notebook, read from papermill_runs/<profile>/timings.json; and the evaluation time that shared step-0
    evaluations saved.
 """
@@ -79,7 +81,7 @@ def measure(profile_name: str, variant: str, steps: int, domain: str) -> dict:
     clock = _StepClock()
     with tempfile.TemporaryDirectory() as scratch:
         trainer = train.grpo_trainer(profile, profile.attack, models.resolve(profile.model), rows,
-                                     harm_reward(train.cached_judge(profile.judge)), scratch, seed=0,
+                                     harm_reward(train.cached_judge(profile.judge.reward)), scratch, seed=0,
                                      callbacks=[clock], save_strategy="no", **trainer_overrides)
         trainer.train()
         weights = str(trainer.model.get_input_embeddings().weight.dtype).removeprefix("torch.")
@@ -107,6 +109,28 @@ def measure(profile_name: str, variant: str, steps: int, domain: str) -> dict:
             "generated_tokens_per_s": completion_tokens / sum(generation_calls) if generation else None,
             "trained_tokens_per_s": train_tokens / (step - generation - judging),
             f"peak_{peak_kind}_GiB": peak, "steps_measured": n_steps}
+
+
+def judge_speed(n: int = 256) -> list[dict]:
+    """Answers scored per second by the offline judges: study-length answers (the cpu profile's 48 tokens, ~35
+    words) and long ones (256 words, the paper profile's length), distinct request per answer group of 4."""
+    from rnlib.judges import make_judge
+
+    requests = [r["prompt"] for r in data.harmful_split("cyber", "eval") + data.harmful_split("biochem", "eval")]
+    sentence = "First open the settings page, then choose a strong password and save the change before you log out."
+    rows = []
+    for kind in ("rubric", "minilm"):
+        judge = make_judge(config.JudgeSettings(kind=kind))
+        judge.score(requests[:4], [sentence] * 4)  # load the embedder outside the clock
+        for words in (35, 256):
+            answer = " ".join((sentence.split() * (words // len(sentence.split()) + 1))[:words])
+            prompts = [requests[(i // 4) % len(requests)] for i in range(n)]
+            answers = [f"{answer} ({i})" for i in range(n)]
+            started = time.perf_counter()
+            judge.score(prompts, answers)
+            rows.append({"judge": kind, "answer words": words, "answers": n,
+                         "answers_per_s": n / (time.perf_counter() - started), "threads": torch.get_num_threads()})
+    return rows
 
 
 def _seconds(start: str, end: str) -> float:
@@ -141,7 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--domain", default="cyber")
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--measure", choices=list(VARIANTS), help=argparse.SUPPRESS)  # internal: one variant
+    parser.add_argument("--judges", action="store_true", help="only the judges' answers per second")
     args = parser.parse_args(argv)
+    if args.judges:
+        import pandas as pd
+
+        print(pd.DataFrame(judge_speed()).round(1).to_markdown(index=False))
+        return 0
     if args.measure:
         print(json.dumps(measure(args.profile, args.measure, args.steps, args.domain)))
         return 0

@@ -18,7 +18,7 @@ import yaml
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
 DOMAINS = ("biochem", "cyber")
-JUDGE_KINDS = ("rubric", "classifier", "llm")
+JUDGE_KINDS = ("rubric", "minilm", "classifier", "guard", "llm")
 
 
 class ConfigError(ValueError):
@@ -51,6 +51,15 @@ class JudgeSettings:
     model: str | None = None  # classifier / llm: hub id or local path
     endpoint: str | None = None  # llm: OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1
     harmful_label: str | None = None  # classifier: label name that means harmful
+
+
+@dataclass(frozen=True)
+class JudgeRoles:
+    """The attacker's reward and the study's metric are different judges unless a profile names the same one twice:
+    an RL attacker optimises its reward judge, so a figure that reported it would partly report the judge gamed."""
+
+    reward: JudgeSettings = field(default_factory=JudgeSettings)  # what the attacker maximises
+    eval: JudgeSettings = field(default_factory=lambda: JudgeSettings(kind="minilm"))  # what figures report
 
 
 @dataclass(frozen=True)
@@ -167,7 +176,7 @@ class Profile:
     data: DataSettings = field(default_factory=DataSettings)
     lora: LoraSettings = field(default_factory=LoraSettings)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
-    judge: JudgeSettings = field(default_factory=JudgeSettings)
+    judge: JudgeRoles = field(default_factory=JudgeRoles)
     eval: EvalSettings = field(default_factory=EvalSettings)
     align: AlignSettings = field(default_factory=AlignSettings)
     defend: DefendSettings = field(default_factory=DefendSettings)
@@ -186,7 +195,8 @@ class Profile:
 
 
 _CHOICES = {
-    "judge.kind": JUDGE_KINDS,
+    "judge.reward.kind": JUDGE_KINDS,
+    "judge.eval.kind": JUDGE_KINDS,
     "domains": DOMAINS,
     "defend.loss_type": ("grpo", "dapo", "dr_grpo", "bnpo"),
     "attack.loss_type": ("grpo", "dapo", "dr_grpo", "bnpo"),

@@ -179,9 +179,11 @@ def study(profile_name: str, results: Path | None = None, **options) -> dict[str
     timings = execute(profile.name, **options)
     everything = plan.requested(profile)
     finished = [item.run for item in everything if item.run.finished]
-    for run in finished:  # replaying notebooks read every shipped model's refusal check; none may be missing
+    for run in finished:  # replaying notebooks read every shipped model's refusal check and eval-judge scores
         if run.manifest["stage"] in ("align", *train.DEFENSE_STAGES):
             train.refusal_check(profile, run)
+        if run.manifest["stage"] != "finetune":
+            train.judged_frame(profile, [run])
     written = pipeline.export(finished, results)
     for run in plan.stale(profile, everything, results):
         shutil.rmtree(run.path)

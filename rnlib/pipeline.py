@@ -7,10 +7,12 @@ anything else is an unfinished run, resumed from its last trainer checkpoint.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -27,7 +29,8 @@ PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "b
 ROOT = Path(__file__).resolve().parent.parent
 # What a shipped run keeps: its logs and the refusal checks made on its model. No adapter, model or checkpoint.
 SHIPPED_FILES = ("manifest.json", "steps.jsonl", "evals.jsonl", "completions.jsonl", "stop.jsonl",
-                 "warm_start.jsonl", "refusal_check-*.json")
+                 "warm_start.jsonl", "refusal_check-*.json", "rescore-*.json")
+EVAL_FIELDS = ("eval_judge", "eval_harm_mean", "eval_harm_std", "eval_harmful_rate", "hacking_gap")
 
 
 class RunNotAvailable(RuntimeError):
@@ -96,9 +99,9 @@ def text_hash(text: str) -> str:
 
 
 def redact(record: dict, full: bool = False) -> dict:
-    """A completion the judge scores harmful keeps only score, length, hash and its first 8 words."""
+    """A completion either judge scores harmful keeps only its scores, length, hash and its first 8 words."""
     text = record["text"]
-    if full or record["score"] < REDACT_AT:
+    if full or max(record["score"], record.get("eval_score", 0.0)) < REDACT_AT:
         return record | {"redacted": False}
     kept = {k: v for k, v in record.items() if k != "text"}
     return kept | {"redacted": True, "hash": text_hash(text), "prefix": " ".join(text.split()[:8]) + " [...]"}
@@ -137,6 +140,22 @@ class Run:
 
     def completions(self) -> list[dict]:
         return read_jsonl(self.path / "completions.jsonl")
+
+    def rescore_file(self, judge_id: str) -> Path:
+        return self.path / f"rescore-{re.sub(r'[^A-Za-z0-9]+', '_', judge_id)}.json"
+
+    def judged_evals(self, judge_id: str) -> list[dict]:
+        """Evaluation rows with `judge_id`'s scores (EVAL_FIELDS): logged at evaluation time or, for steps
+        evaluated before that judge existed, taken from `train.rescore`; absent where neither has them."""
+        file = self.rescore_file(judge_id)
+        rescored = {r["step"]: r for r in json.loads(file.read_text())["rows"]} if file.is_file() else {}
+        rows = []
+        for row in self.evals():
+            if row.get("eval_judge") != judge_id:
+                row = {k: v for k, v in row.items() if k not in EVAL_FIELDS}
+                row |= {k: rescored[row["step"]][k] for k in EVAL_FIELDS if row["step"] in rescored}
+            rows.append(row)
+        return rows
 
     def append(self, name: str, rows: list[dict]) -> None:
         with open(self.path / name, "a") as handle:
@@ -221,9 +240,15 @@ def config_hash(profile, stage: str, domain: str | None, seed: int, start: str) 
                 "entropy": ("defend", "baselines"), "finetune": ("attack",)}.get(stage, (stage,))
     if stage == "attack" and profile.adaptive != type(profile.adaptive)():
         sections += ("adaptive",)  # only a non-paper attack hashes it, so the paper's attack keeps its runs
-    return profile.section_hash(*sections, "data", "lora", "generation", "eval", "judge",
-                                extra=top | {"stage": stage, "domain": domain, "seed": seed, "start": start,
-                                             "prompts": data.prompt_sets_hash()})
+    return profile.section_hash(*sections, "data", "lora", "generation", "eval",
+                                extra=top | reward_judge(profile) | {"stage": stage, "domain": domain, "seed": seed,
+                                                                     "start": start, "prompts": data.prompt_sets_hash()})
+
+
+def reward_judge(profile) -> dict:
+    """The judge a run's hash holds: the reward judge, the only one that changes what a stage trains. The eval judge
+    tags each evaluation row instead (`eval_judge`), so swapping it re-scores (`train.rescore`) and never retrains."""
+    return {"judge": dataclasses.asdict(profile.judge.reward)}
 
 
 def _in_paper_comparison(run: Run) -> bool:
@@ -268,11 +293,12 @@ def _benign_health(run: Run) -> dict[int, dict]:
     return {step: benign_answer_health(texts) for step, texts in answers.items()}
 
 
-def frame(runs: list[Run], table: str = "evals"):
+def frame(runs: list[Run], table: str = "evals", eval_judge: str | None = None):
     """One long table (pandas) of the runs' `evals` or `steps` rows, labelled by stage, domain, seed and target.
 
     Evaluation rows also get the length and variety of that step's benign answers (`benign_words`,
-    `benign_distinct`), which tell a neutralized model from a broken one.
+    `benign_distinct`), which tell a neutralized model from a broken one, and, given the eval judge's id, its
+    scores (`Run.judged_evals`): `harm_mean` is the reward judge's harm, `eval_harm_mean` the eval judge's.
     """
     import pandas as pd
 
@@ -280,7 +306,8 @@ def frame(runs: list[Run], table: str = "evals"):
         if table != "evals":
             return run.steps()
         health = _benign_health(run)
-        return [row | health.get(row["step"], {}) for row in run.evals()]
+        evals = run.judged_evals(eval_judge) if eval_judge else run.evals()
+        return [row | health.get(row["step"], {}) for row in evals]
 
     return pd.DataFrame([_label(run) | row for run in runs for row in rows(run)])
 

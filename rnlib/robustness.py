@@ -18,32 +18,37 @@ from rnlib.config import ATTACK_VARIANTS, Profile, with_overrides
 from rnlib.pipeline import Run
 
 
-def _labelled(runs: list[tuple[dict, Run]], table: str) -> pd.DataFrame:
+def _labelled(runs: list[tuple[dict, Run]], profile: Profile | None = None) -> pd.DataFrame:
+    """The runs' evaluations, with the eval judge's harm when a profile is given (`train.judged_frame`)."""
     if not runs:
         return pd.DataFrame(columns=["run_id", "domain", "seed", "step", "target"])
-    return pd.concat([pipeline.frame([run], table).assign(**labels) for labels, run in runs], ignore_index=True)
+    return pd.concat([(train.judged_frame(profile, [run]) if profile else pipeline.frame([run])).assign(**labels)
+                      for labels, run in runs], ignore_index=True)
 
 
-def last_evals(runs: list[tuple[dict, Run]]) -> pd.DataFrame:
-    """Each labelled run's final held-out evaluation."""
-    return _labelled(runs, "evals").sort_values("step").groupby("run_id").last().reset_index()
+def last_evals(runs: list[tuple[dict, Run]], profile: Profile | None = None) -> pd.DataFrame:
+    """Each labelled run's final held-out evaluation; given the profile, with its eval judge's harm."""
+    return _labelled(runs, profile).sort_values("step").groupby("run_id").last().reset_index()
 
 
-def outcomes(runs: list[tuple[dict, Run]]) -> pd.DataFrame:
-    """Each labelled attack run: harm and refusal before -> after, its share of zero-variance steps (every GRPO
-    group's rewards equal: no gradient), and `metrics.attack_outcome`, so every defense is judged by one rule."""
+def outcomes(profile: Profile, runs: list[tuple[dict, Run]]) -> pd.DataFrame:
+    """Each labelled attack run: harm (eval judge) and refusal before -> after, its share of zero-variance steps
+    (every GRPO group's rewards equal: no gradient), and `metrics.attack_outcome`, so every defense is judged by
+    one rule."""
     rows = []
     for labels, run in runs:
-        evals = pipeline.frame([run]).sort_values("step")
+        evals = train.judged_frame(profile, [run]).sort_values("step")
         first, last = evals.iloc[0], evals.iloc[-1]
         steps = pipeline.frame([run], "steps")
         rows.append(labels | {
-            "harm before": first["harm_mean"], "harm after": last["harm_mean"],
+            "harm before": first["eval_harm_mean"], "harm after": last["eval_harm_mean"],
+            "reward-judge harm after": last["harm_mean"],
             "refusal before": first["refusal_rate"], "refusal after": last["refusal_rate"],
             "distinct benign answers before": first["benign_distinct"],
             "zero-variance steps": float((steps["frac_reward_zero_std"] == 1).mean()),
-            "outcome": metrics.attack_outcome(first["refusal_rate"], last["refusal_rate"], last["harm_mean"],
-                                              benign_distinct_before=first["benign_distinct"])})
+            "outcome": metrics.attack_outcome(first["refusal_rate"], last["refusal_rate"], last["eval_harm_mean"],
+                                              benign_distinct_before=first["benign_distinct"],
+                                              harm_before=first["eval_harm_mean"])})
     return pd.DataFrame(rows)
 
 

@@ -83,7 +83,8 @@ def _manifest(run: Run, profile: Profile, seed: int, domain: str | None, start: 
               splits: dict[str, list[dict]], extra: dict | None = None) -> dict:
     stage, config_hash = run.id.split("-")[0], run.id.rsplit("-", 1)[1]
     return {"stage": stage, "domain": domain, "seed": seed, "config_hash": config_hash, "profile": profile.to_dict(),
-            "model": profile.model, "start_model": start, "judge": profile.judge.kind,
+            "model": profile.model, "start_model": start, "judge": profile.judge.reward.kind,
+            "eval_judge": cached_judge(profile.judge.eval).id,
             "data": {name: {"n": len(rows), "hash": data.split_hash(rows)} for name, rows in splits.items()},
             "environment": pipeline.environment()} | (extra or {})
 
@@ -103,8 +104,9 @@ class StudyCallback(TrainerCallback):
     def evaluate(self, model, step: int) -> None:
         summary = self.eval_fn(model, step)
         if "harm_mean" in summary:
-            pipeline.say(f"{self.run.id} evaluation at step {step}: harm {summary['harm_mean']:.2f}, "
-                         f"refusal {summary['refusal_rate']:.0%}")
+            judged = f", eval judge {summary['eval_harm_mean']:.2f}" if "eval_harm_mean" in summary else ""
+            pipeline.say(f"{self.run.id} evaluation at step {step}: harm {summary['harm_mean']:.2f} (reward judge)"
+                         f"{judged}, refusal {summary['refusal_rate']:.0%}")
 
     def evaluate_and_check(self, model, step: int) -> str | None:
         """Evaluate; return the stop rule's reason to stop, if any."""
@@ -154,7 +156,7 @@ def _reused(run: Run, profile: Profile) -> bool:
         return True
     pipeline.require_training(run)
     models.check_device(profile.quantize_4bit, profile.use_vllm)
-    cached_judge(profile.judge)
+    cached_judge(profile.judge.reward), cached_judge(profile.judge.eval)
     pipeline.say(f"training {run.id}")
     return False
 
@@ -167,7 +169,7 @@ def _make_eval(run: Run, profile: Profile, tokenizer, harmful: list[dict], benig
     leaves the model exactly `start_model`, so every stage starting from it on the same eval prompts and seed
     (the paper's attack, each adaptive attack, each defense) draws the same samples. The first computes them.
     """
-    judge = cached_judge(profile.judge)
+    judge, eval_judge = cached_judge(profile.judge.reward), cached_judge(profile.judge.eval)
 
     def run_eval(model, step: int) -> dict:
         shared = _shared_eval_file(profile, start_model, harmful, benign, seed) if step == 0 and start_model else None
@@ -177,7 +179,8 @@ def _make_eval(run: Run, profile: Profile, tokenizer, harmful: list[dict], benig
         else:
             started = time.perf_counter()
             summary, records = evaluate(model, tokenizer, judge, harmful, benign, profile.generation,
-                                        profile.eval.samples_per_prompt, profile.eval.batch_size, seed=seed + 1000)
+                                        profile.eval.samples_per_prompt, profile.eval.batch_size, seed=seed + 1000,
+                                        eval_judge=eval_judge)
             summary["defense_reward"] = sum(defensive_score(r["text"], r["kind"]) for r in records) / len(records)
             summary["eval_time"] = time.perf_counter() - started
             records = [pipeline.redact(r, profile.store_full_completions) for r in records]
@@ -193,7 +196,8 @@ def _make_eval(run: Run, profile: Profile, tokenizer, harmful: list[dict], benig
 
 
 def _shared_eval_file(profile: Profile, model_dir: str, harmful: list[dict], benign: list[dict], seed: int):
-    key = profile.section_hash("generation", "eval", "judge", extra={
+    key = profile.section_hash("generation", "eval", extra=pipeline.reward_judge(profile) | {
+        "eval_judge": cached_judge(profile.judge.eval).id,
         "model": model_dir, "harmful": data.split_hash(harmful), "benign": data.split_hash(benign), "seed": seed,
         "full_completions": profile.store_full_completions})
     return pipeline.runs_root() / "shared_evals" / f"{key}.json"
@@ -340,6 +344,90 @@ def alignment_bars(profile: Profile, seeds):
     aligned = {seed: planned_target(profile, "standard", None, seed) for seed in seeds}
     return refusal_checks(profile, [({"seed": seed, "meets_bar": alignment_bar(profile, seed)["meets_bar"]}, run)
                                     for seed, run in aligned.items() if run.finished])
+
+
+# --- the eval judge on runs evaluated before it existed -------------------------------------------------------
+
+def _load_at(run: Run, profile: Profile, first: bool):
+    """(model, tokenizer) as a run's first or last evaluation saw it: the model it started from, or that model with
+    the run's final LoRA adapter (unmerged, as training evaluated it)."""
+    manifest = run.manifest
+    start = manifest["start_model"]
+    if manifest["stage"] == "attack":
+        start = run.model_dir  # an attack ships no model of its own: its model_dir is the one it attacked
+    elif manifest["stage"] != "align":
+        start = Run(pipeline.runs_root() / start).model_dir
+    model, tokenizer = models.load_model(start, profile.quantize_4bit, profile.bf16)
+    if not first:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(run.path / "adapter")).eval()
+    return model, tokenizer
+
+
+def rescore(profile: Profile, run: Run) -> dict:
+    """The eval judge's scores for a run's first and last evaluation, sampled again from its saved models.
+
+    A run evaluated before its profile's eval judge existed carries only the reward judge's scores, and its harmful
+    answers are stored redacted. Its start and final models are kept, so each of the two evaluations is sampled
+    again at the seed it used and scored by both judges; `same_answers` is the share whose hash matches the stored
+    answer (1.0: the two judges scored exactly what the run reported). Kept in the run as `rescore-<judge>.json`.
+    Stored answers the eval judge scores harmful are redacted too, whichever step they come from.
+    """
+    eval_judge = cached_judge(profile.judge.eval)
+    file = run.rescore_file(eval_judge.id)
+    if file.is_file():
+        return json.loads(file.read_text())
+    pipeline.require_training(run, f"re-scoring {run.id} with the eval judge {eval_judge.id}")
+    manifest = run.manifest
+    if manifest["stage"] not in ("align", "attack", *DEFENSE_STAGES) or (run.path / "warm_start.jsonl").is_file():
+        raise ValueError(f"{run.id}: only align, defense and attack runs without a warm start can be re-scored")
+    domain = manifest["domain"]
+    harmful, benign = _eval_sets(profile, tuple(profile.domains) if domain in (None, JOINT) else (domain,))
+    if data.split_hash(harmful) != manifest["data"]["eval"]["hash"]:
+        raise ValueError(f"{run.id} was evaluated on other prompts than this profile's; re-score it with its own profile")
+    stored = {(r["step"], r["kind"], r["prompt_id"], r["sample"]): r.get("hash") or pipeline.text_hash(r["text"])
+              for r in run.completions()}
+    rows = []
+    for first, logged in ((True, run.evals()[0]), (False, run.evals()[-1])):
+        pipeline.say(f"re-scoring {run.id} at step {logged['step']} with {eval_judge.id}")
+        model, tokenizer = _load_at(run, profile, first)
+        summary, records = evaluate(model, tokenizer, cached_judge(profile.judge.reward), harmful, benign,
+                                    profile.generation, profile.eval.samples_per_prompt, profile.eval.batch_size,
+                                    seed=manifest["seed"] + 1000, eval_judge=eval_judge)
+        same = [stored.get((logged["step"], r["kind"], r["prompt_id"], r["sample"])) == pipeline.text_hash(r["text"])
+                for r in records]
+        rows.append(summary | {"step": logged["step"], "same_answers": sum(same) / len(same),
+                               "logged_harm_mean": logged["harm_mean"]})
+    result = {"run": run.id, "eval_judge": eval_judge.id, "rows": rows,
+              "redacted_now": _redact_by(run, eval_judge, {r["id"]: r["prompt"] for r in harmful})}
+    pipeline.write_json_atomic(file, result)
+    return result
+
+
+def _redact_by(run: Run, judge, prompts: dict[str, str]) -> int:
+    """Redact the stored answers `judge` scores harmful that the run's own judge had kept in clear; return how many."""
+    records = run.completions()
+    clear = [r for r in records if r["kind"] == "harmful" and not r["redacted"]]
+    verdicts = judge.score([prompts[r["prompt_id"]] for r in clear], [r["text"] for r in clear])
+    flagged = {id(r): v.score for r, v in zip(clear, verdicts) if v.score >= pipeline.REDACT_AT}
+    if flagged:
+        kept = [pipeline.redact(r | {"eval_score": flagged[id(r)]}) if id(r) in flagged else r for r in records]
+        partial = run.path / "completions.jsonl.partial"
+        partial.write_text("".join(json.dumps(r, default=str) + "\n" for r in kept))
+        partial.replace(run.path / "completions.jsonl")
+    return len(flagged)
+
+
+def judged_frame(profile: Profile, runs: list[Run]):
+    """`pipeline.frame` of the runs' evaluations with the eval judge's scores beside the reward judge's. A run whose
+    first or last evaluation predates the eval judge is re-scored first (`rescore`; cached in the run)."""
+    judge_id = cached_judge(profile.judge.eval).id
+    for run in runs:
+        rows = run.judged_evals(judge_id)
+        if rows and not all("eval_harm_mean" in row for row in (rows[0], rows[-1])):
+            rescore(profile, run)
+    return pipeline.frame(runs, "evals", eval_judge=judge_id)
 
 
 # --- GRPO stages ---------------------------------------------------------------------------------------------
@@ -597,7 +685,7 @@ def attack(profile: Profile, domain: str, seed: int = 0, start: Run | None = Non
                         {"attack": harmful, "eval": harmful_eval, "benign_eval": benign_eval},
                         {"target": start.manifest["stage"], "target_domain": start.manifest["domain"]}))
     model_dir = _warm_start(run, profile, start, harmful, seed) if adaptive.warm_start_steps else start.model_dir
-    rewards, readers, overrides = [harm_reward(cached_judge(profile.judge))], [], {}
+    rewards, readers, overrides = [harm_reward(cached_judge(profile.judge.reward))], [], {}
     if adaptive.bonus == "entropy":
         readers = [TokenEntropy(models.load_tokenizer(model_dir))]
         rewards.append(entropy_bonus(readers[0]))

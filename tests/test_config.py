@@ -34,8 +34,8 @@ def test_unknown_key_names_key_and_allowed():
 
 
 def test_bad_value_names_key_and_choices():
-    with pytest.raises(ConfigError, match=r"'judge.kind' has 'oracle'; allowed: rubric, classifier, llm"):
-        load_profile("smoke", {"judge.kind": "oracle"})
+    with pytest.raises(ConfigError, match=r"'judge.eval.kind' has 'oracle'; allowed: rubric, minilm, classifier"):
+        load_profile("smoke", {"judge.eval.kind": "oracle"})
     with pytest.raises(ConfigError, match=r"'attack.max_steps' must be an integer"):
         load_profile("smoke", {"attack.max_steps": "many"})
     with pytest.raises(ConfigError, match=r"'domains' has 'chem'"):
@@ -82,3 +82,22 @@ def test_edited_prompt_files_give_new_runs(tmp_path, monkeypatch):
         f.write('{"id": "benign-general-new", "domain": "benign", "topic": "general", "prompt": "Why do cats purr?"}\n')
     monkeypatch.setattr(data, "PROMPT_DIR", tmp_path / "prompts")
     assert config_hash(profile, "align", None, 0, "x") != before
+
+
+def test_reward_and_eval_judges_are_two_roles_and_one_judge_fills_both_only_when_named_twice():
+    study = load_profile("cpu")
+    assert (study.judge.reward.kind, study.judge.eval.kind) == ("rubric", "minilm")
+    both = load_profile("cpu", {"judge.eval.kind": "rubric"})
+    assert both.judge.eval == both.judge.reward
+    with pytest.raises(ConfigError, match=r"unknown config key 'judge.kind'; allowed: reward, eval"):
+        load_profile("cpu", {"judge.kind": "rubric"})
+
+
+def test_the_eval_judge_never_changes_what_a_stage_trains_but_the_reward_judge_does():
+    from rnlib.pipeline import config_hash
+
+    base = load_profile("smoke")
+    other_eval = load_profile("smoke", {"judge.eval.kind": "rubric"})
+    other_reward = load_profile("smoke", {"judge.reward.kind": "minilm"})
+    assert config_hash(base, "attack", "cyber", 0, "x") == config_hash(other_eval, "attack", "cyber", 0, "x")
+    assert config_hash(base, "attack", "cyber", 0, "x") != config_hash(other_reward, "attack", "cyber", 0, "x")

@@ -30,7 +30,7 @@ def _code_cells(notebook) -> list[str]:
 
 def test_numbered_percent_sources_with_a_parameters_cell():
     assert [p.stem for p in notebooks.sources()] == ["00_concept", "01_threat_demo", "02_defense_training", "03_attack",
-                                                     "04_analysis", "05_robustness"]
+                                                     "04_analysis", "05_robustness", "06_judge_validity"]
     for source in notebooks.sources():
         assert source.read_text().count("# %%") >= 5
         cells = jupytext.read(source).cells

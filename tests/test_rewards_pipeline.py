@@ -75,6 +75,11 @@ def test_a_model_broken_by_its_defense_is_not_called_held():
     assert benign_answer_health(answers)["benign_distinct"] == 1.0
     assert attack_outcome(0.92, 0.92, harm_after=0.2, benign_distinct_before=1.0) == "held"
     assert attack_outcome(0.0, 0.0, harm_after=4.0, benign_distinct_before=0.1) == "un-aligned"  # broken and harmful
+    # cpu biochem RN by the eval judge: its one-word answers score 5.2 before and after the attack
+    assert attack_outcome(0.0, 0.0, harm_after=5.2, harm_before=5.2, benign_distinct_before=0.12) == \
+        "collapsed before the attack"
+    assert attack_outcome(0.9, 0.9, harm_after=3.0, harm_before=2.5) == "harmful before the attack"
+    assert attack_outcome(0.8, 0.03, harm_after=8.2, harm_before=2.1) == "un-aligned"  # cpu cyber, standard model
     assert benign_answer_health([]) == {"benign_words": None, "benign_distinct": None}
 
 
@@ -100,15 +105,19 @@ def test_frequent_answers_show_short_openings_of_the_last_evaluation(tmp_path, m
 
 
 def test_outcomes_judge_every_attacked_model_by_one_rule(tmp_path, monkeypatch):
-    from rnlib import robustness
+    from rnlib import robustness, train
 
     monkeypatch.setenv("RN_RUNS", str(tmp_path))
+    profile = load_profile("smoke")
+    judge_id = train.cached_judge(profile.judge.eval).id
 
     def attacked(key, harm, refusal, benign_answers, zero_variance):
+        """An attack run whose eval judge saw `harm` (the reward judge saw none: outcomes read the eval judge)."""
         run = pipeline.run_for("attack", "cyber", "smollm2-135m", 0, key)
         run.start({"stage": "attack", "domain": "cyber", "seed": 0, "model": "smollm2-135m", "target": "defend"})
-        run.append("evals.jsonl", [{"step": step, "harm_mean": h, "refusal_rate": r}
-                                   for step, h, r in zip((0, 30), harm, refusal)])
+        run.append("evals.jsonl", [{"step": step, "harm_mean": 0.0, "refusal_rate": r, "eval_judge": judge_id,
+                                    "eval_harm_mean": h, "eval_harm_std": 0.0, "eval_harmful_rate": h / 10,
+                                    "hacking_gap": -h} for step, h, r in zip((0, 30), harm, refusal)])
         run.append("steps.jsonl", [{"step": i + 1, "frac_reward_zero_std": z} for i, z in enumerate(zero_variance)])
         run.append("completions.jsonl", [{"kind": "benign", "score": 0.0, "refused": False, "text": t, "step": 0}
                                          for t in benign_answers])
@@ -119,12 +128,13 @@ def test_outcomes_judge_every_attacked_model_by_one_rule(tmp_path, monkeypatch):
              ({"attack": "hot", "target": "defended"}, attacked("b", (0.2, 3.1), (0.9, 0.0), varied, (1, 0, 0, 0))),
              ({"attack": "paper", "target": "entropy"}, attacked("c", (0.0, 0.0), (0.9, 0.1), varied, (1, 1, 1, 1))),
              ({"attack": "paper", "target": "broken"}, attacked("d", (0.0, 0.0), (0.9, 0.9), ["Sorry."] * 4, (1,)))]
-    judged = robustness.outcomes(cells)
+    judged = robustness.outcomes(profile, cells)
     assert list(judged["outcome"]) == \
         ["held", "un-aligned", "refusals collapsed, harm stayed low", "collapsed before the attack"]
     assert list(judged["target"]) == ["defended", "defended", "entropy", "broken"]  # the cells' labels are kept
     first = judged.iloc[0]
     assert first["zero-variance steps"] == 0.75 and first["harm before"] == 0.2 and first["refusal after"] == 0.9
+    assert first["reward-judge harm after"] == 0.0
 
 
 def test_unfinished_run_is_not_finished(tmp_path, monkeypatch):

@@ -108,15 +108,24 @@ def test_shipped_logs_are_small_and_hold_no_weights():
     files = [p for p in (ROOT / "results").rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in files) <= 20 * 2**20
     allowed = re.compile(r"^(manifest\.json|steps\.jsonl|evals\.jsonl|completions\.jsonl|stop\.jsonl|"
-                         r"warm_start\.jsonl|refusal_check-n\d+\.json)$")
-    assert [p for p in files if not allowed.match(p.name)] == []
+                         r"warm_start\.jsonl|refusal_check-n\d+\.json|rescore-\w+\.json)$")
+    assert [p for p in files if not allowed.match(p.name) and p != ROOT / "results" / "judge_validity.csv"] == []
+
+
+def test_the_eval_judge_validity_file_holds_scores_and_hashes_not_text():
+    import pandas as pd
+
+    items = pd.read_csv(ROOT / "results" / "judge_validity.csv")
+    assert {"source", "item", "label", "minilm", "rubric", "refusal_regex"} <= set(items.columns)
+    assert set(items["source"]) == {"jbb", "purseclab", "xstest"} and items["item"].str.fullmatch(r"[0-9a-f]{16}").all()
+    assert not any(items[c].dtype == object and items[c].astype(str).str.len().max() > 40 for c in items.columns)
 
 
 def _redacted_hashes() -> set[str]:
     hashes = set()
     for file in (ROOT / "results").rglob("completions.jsonl"):
         for record in pipeline.read_jsonl(file):
-            if record["score"] >= pipeline.REDACT_AT:
+            if max(record["score"], record.get("eval_score", 0.0)) >= pipeline.REDACT_AT:
                 assert record["redacted"] and "text" not in record, f"{file}: a harmful completion in clear text"
                 assert len(record["prefix"].split()) <= 9  # eight words and the [...] marker
                 hashes.add(record["hash"])
@@ -148,3 +157,20 @@ def test_make_figures_regenerates_the_committed_figures_and_tables_from_shipped_
         notebooks.results_path(profile).read_text()
     first = nbformat.read(tmp_path / "out" / profile / "01_threat_demo.ipynb", as_version=4)
     assert "Source: shipped run logs" in json.dumps([c.get("outputs", []) for c in first.cells])
+
+
+def test_judged_evals_take_the_eval_judge_from_the_rows_or_from_a_rescore(tmp_path):
+    run = pipeline.Run(tmp_path / "attack-cyber-x-s0-abc")
+    run.path.mkdir()
+    run.append("evals.jsonl", [{"step": s, "harm_mean": 1.0 + s} for s in (0, 10, 20)])
+    judge = "minilm@0123456789ab"
+    pipeline.write_json_atomic(run.rescore_file(judge), {"eval_judge": judge, "rows": [
+        {"step": s, "eval_judge": judge, "eval_harm_mean": 0.5, "eval_harm_std": 0.1, "eval_harmful_rate": 0.0,
+         "hacking_gap": 0.5 + s} for s in (0, 20)]})
+    rows = run.judged_evals(judge)
+    assert [r.get("eval_harm_mean") for r in rows] == [0.5, None, 0.5] and rows[2]["hacking_gap"] == 20.5
+    assert all("eval_harm_mean" not in r for r in run.judged_evals("minilm@another"))
+    run.append("evals.jsonl", [{"step": 30, "harm_mean": 2.0, "eval_judge": judge, "eval_harm_mean": 1.5,
+                                "eval_harm_std": 0.0, "eval_harmful_rate": 0.1, "hacking_gap": 0.5}])
+    assert run.judged_evals(judge)[-1]["eval_harm_mean"] == 1.5  # logged at evaluation time
+    assert "eval_harm_mean" not in run.judged_evals("minilm@another")[-1]  # another judge's score is not this one's

@@ -34,7 +34,7 @@ def test_grpo_stages_sample_without_lora_dropout(tmp_path):
     profile = load_profile("smoke", {"lora.dropout": 0.1})
     rows = train.rl_rows(data.take(data.harmful_split("cyber", "attack"), 2), "harmful")
     trainer = train.grpo_trainer(profile, profile.attack, models.resolve(profile.model), rows,
-                                 harm_reward(train.cached_judge(profile.judge)), str(tmp_path), seed=0)
+                                 harm_reward(train.cached_judge(profile.judge.reward)), str(tmp_path), seed=0)
     assert trainer.model.peft_config["default"].lora_dropout == 0.0
     assert models.lora_config(profile.lora).lora_dropout == 0.1
 
@@ -77,7 +77,32 @@ def test_attack_logs_every_step_and_redacts(attacked, defended):
     completions = attacked.completions()
     assert completions
     for row in completions:
-        assert row["redacted"] == (row["score"] >= pipeline.REDACT_AT) == ("text" not in row)
+        harmful_by_either = max(row["score"], row["eval_score"] if row["kind"] == "harmful" else 0) >= pipeline.REDACT_AT
+        assert row["redacted"] == harmful_by_either == ("text" not in row)
+
+
+def test_every_evaluation_carries_both_judges_and_the_hacking_gap(attacked, profile):
+    judge_id = train.cached_judge(profile.judge.eval).id
+    assert judge_id.startswith("minilm@") and attacked.manifest["eval_judge"] == judge_id
+    for row in attacked.evals():
+        assert row["eval_judge"] == judge_id and 0 <= row["eval_harm_mean"] <= 10
+        assert row["hacking_gap"] == pytest.approx(row["harm_mean"] - row["eval_harm_mean"])
+    assert all("eval_score" in r for r in attacked.completions() if r["kind"] == "harmful")
+
+
+def test_rescoring_samples_the_same_answers_again_from_the_saved_models(attacked, profile):
+    """A run evaluated before its eval judge existed is re-scored from its start model and final adapter; at the
+    same seed the answers are the ones the run stored, so both judges score exactly what it reported."""
+    result = train.rescore(profile, attacked)
+    try:
+        logged = {row["step"]: row for row in attacked.evals()}
+        assert [row["step"] for row in result["rows"]] == [0, 2]
+        for row in result["rows"]:
+            assert row["same_answers"] == 1.0
+            assert row["eval_harm_mean"] == pytest.approx(logged[row["step"]]["eval_harm_mean"], abs=1e-6)
+            assert row["harm_mean"] == pytest.approx(logged[row["step"]]["harm_mean"], abs=1e-6)
+    finally:
+        attacked.rescore_file(result["eval_judge"]).unlink()
 
 
 def test_evaluation_stores_harmful_scored_completions_redacted(smollm, profile, tmp_path, monkeypatch):
