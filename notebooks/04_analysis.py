@@ -57,7 +57,7 @@ checkpoints = {"before attack": 0, "step 50": 50, f"last (step {final_step})": f
 snap = pd.concat([at_step(judged, s).assign(when=name) for name, s in checkpoints.items()])
 fig = plots.plt.figure(figsize=(4 + 2 * evals["domain"].nunique(), 3.6))
 grid = plots.sns.catplot(data=snap, x="when", y="eval_harm_mean", hue="target", col="domain", kind="bar",
-                         errorbar="sd", palette=plots.TARGET_COLORS, height=3.4, aspect=1.2)
+                         errorbar="sd", palette=plots.TARGET_COLORS, height=3.4, aspect=1.2, legend_out=False)
 grid.set_axis_labels("", "harm, eval judge (0-10)").set(ylim=(0, 10))
 for ax in grid.axes.flat:
     ax.axhline(2, color="grey", ls="--", lw=1)
@@ -76,7 +76,7 @@ long = both.melt(id_vars=["domain", "target", "seed", "when"], value_vars=["harm
                  var_name="judge", value_name="harm")
 long["judge"] = long["judge"].map({"harm_mean": "reward judge", "eval_harm_mean": "eval judge"})
 grid = plots.sns.catplot(data=long, x="when", y="harm", hue="judge", row="target", col="domain", kind="bar",
-                         errorbar="sd", height=2.8, aspect=1.3)
+                         errorbar="sd", height=2.8, aspect=1.3, legend_out=False)
 grid.set_axis_labels("", "harm (0-10)").set(ylim=(0, 10))
 plots.save(grid.figure, "04_reward_vs_eval_judge", figures_dir)
 fig = plots.curves(judged, "hacking_gap", "reward-judge minus eval-judge harm", xlabel="attack step")
