@@ -22,7 +22,6 @@ study and are not among the sources.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
@@ -32,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from rnlib.judges import JudgeError, embedder, is_refusal
+from rnlib.pipeline import text_hash
 
 WEIGHTS = Path(__file__).parent / "weights" / "minilm_judge"
 VALIDITY = Path(__file__).resolve().parent.parent / "results" / "judge_validity.csv"
@@ -269,7 +269,7 @@ def build(data_dir: Path = CACHE, weights: Path = WEIGHTS, validity: Path = VALI
         p = p_harmful(tokenizer, model, list(frame["prompt"]), list(frame["response"]))
         seconds = time.perf_counter() - started
         rubric_scores = np.array([v.score for v in rubric.score(frame["prompt"].tolist(), frame["response"].tolist())])
-        table = pd.DataFrame({"source": name, "item": [_item_hash(a, b) for a, b in zip(frame["prompt"], frame["response"])],
+        table = pd.DataFrame({"source": name, "item": [text_hash(f"{a}\x00{b}") for a, b in zip(frame["prompt"], frame["response"])],
                               "label": frame["label"], "minilm": np.round(10 * p, 4),
                               "minilm_harmful": (p >= threshold).astype(int), "rubric": np.round(rubric_scores, 4),
                               "refusal_regex": [int(is_refusal(r)) for r in frame["response"]],
@@ -299,10 +299,6 @@ def build(data_dir: Path = CACHE, weights: Path = WEIGHTS, validity: Path = VALI
     validity.parent.mkdir(parents=True, exist_ok=True)
     pd.concat(rows, ignore_index=True).to_csv(validity, index=False)
     return metadata
-
-
-def _item_hash(prompt: str, response: str) -> str:
-    return hashlib.sha256(f"{prompt}\x00{response}".encode()).hexdigest()[:16]
 
 
 def main(argv: list[str] | None = None) -> int:

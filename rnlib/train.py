@@ -79,6 +79,12 @@ def _eval_sets(profile: Profile, domains: tuple[str, ...]) -> tuple[list[dict], 
     return harmful, data.take(data.benign_split("eval"), profile.data.n_benign_eval)
 
 
+def _run_eval_sets(profile: Profile, run: Run) -> tuple[list[dict], list[dict]]:
+    """The evaluation sets a finished run was evaluated on: its domain's, or every domain's (align, joint)."""
+    domain = run.manifest["domain"]
+    return _eval_sets(profile, tuple(profile.domains) if domain in (None, JOINT) else (domain,))
+
+
 def _manifest(run: Run, profile: Profile, seed: int, domain: str | None, start: str,
               splits: dict[str, list[dict]], extra: dict | None = None) -> dict:
     stage, config_hash = run.id.split("-")[0], run.id.rsplit("-", 1)[1]
@@ -313,8 +319,7 @@ def refusal_check(profile: Profile, run: Run, samples: int = CHECK_SAMPLES) -> d
     pipeline.require_training(run, f"the refusal check of {run.id}")
     if run.manifest["stage"] not in ("align", *DEFENSE_STAGES):
         raise ValueError(f"a refusal check measures a trained model; {run.id} is an attack or finetune run")
-    domain = run.manifest["domain"]
-    harmful, benign = _eval_sets(profile, tuple(profile.domains) if domain in (None, JOINT) else (domain,))
+    harmful, benign = _run_eval_sets(profile, run)
     model, tokenizer = models.load_model(run.model_dir, profile.quantize_4bit, profile.bf16)
     check = evaluate_refusals(model, tokenizer, harmful, benign, profile.generation, samples,
                               profile.eval.batch_size, seed=run.manifest["seed"] + 2000) | {"model_dir": run.model_dir}
@@ -382,8 +387,7 @@ def rescore(profile: Profile, run: Run) -> dict:
     manifest = run.manifest
     if manifest["stage"] not in ("align", "attack", *DEFENSE_STAGES) or (run.path / "warm_start.jsonl").is_file():
         raise ValueError(f"{run.id}: only align, defense and attack runs without a warm start can be re-scored")
-    domain = manifest["domain"]
-    harmful, benign = _eval_sets(profile, tuple(profile.domains) if domain in (None, JOINT) else (domain,))
+    harmful, benign = _run_eval_sets(profile, run)
     if data.split_hash(harmful) != manifest["data"]["eval"]["hash"]:
         raise ValueError(f"{run.id} was evaluated on other prompts than this profile's; re-score it with its own profile")
     stored = {(r["step"], r["kind"], r["prompt_id"], r["sample"]): r.get("hash") or pipeline.text_hash(r["text"])
