@@ -11,8 +11,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from functools import cache
 
@@ -92,7 +94,12 @@ def _manifest(run: Run, profile: Profile, seed: int, domain: str | None, start: 
             "model": profile.model, "start_model": start, "judge": profile.judge.reward.kind,
             "eval_judge": cached_judge(profile.judge.eval).id,
             "data": {name: {"n": len(rows), "hash": data.split_hash(rows)} for name, rows in splits.items()},
-            "environment": pipeline.environment()} | (extra or {})
+            "environment": pipeline.environment() | {"grpo_sampling_dtype": _dtype_name(sampling_dtype(profile))},
+            } | (extra or {})
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str:
+    return str(dtype).removeprefix("torch.") if dtype else "the weights' own"
 
 
 def _cuda() -> bool:
@@ -255,12 +262,13 @@ def _sft_examples(pairs) -> list[dict]:
 
 def _sft_trainer(profile: Profile, model, tokenizer, examples: list[dict], output_dir: str, seed: int,
                  callbacks=(), **args):
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
     config = SFTConfig(output_dir=output_dir, logging_steps=1, report_to="none", seed=seed, bf16=profile.bf16,
                        gradient_checkpointing=_cuda(), use_cpu=not _cuda(), **args)
-    return SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(examples), processing_class=tokenizer,
-                      peft_config=models.lora_config(profile.lora), callbacks=list(callbacks))
+    return _trainer_classes()[1](model=model, args=config, train_dataset=Dataset.from_list(examples),
+                                 processing_class=tokenizer, peft_config=models.lora_config(profile.lora),
+                                 callbacks=list(callbacks))
 
 
 def align(profile: Profile, seed: int = 0) -> Run:
@@ -434,17 +442,182 @@ def judged_frame(profile: Profile, runs: list[Run]):
     return pipeline.frame(runs, "evals", eval_judge=judge_id)
 
 
+# --- TRL trainers with two CPU levers that keep the math --------------------------------------------------------
+
+class _DenseLogProbs:
+    """CPU stand-in for TRL's `ChunkedLogProbFunction`, with its call signature and outputs.
+
+    TRL tiles the vocabulary so that GPU memory never holds (tokens x vocabulary) logits; without Triton it folds
+    each tile with a dozen full-tile torch ops, forward and again backward. At the study's CPU sizes (a few hundred
+    completion tokens x 49,152) the logits fit easily, and the same formulas on the whole vocabulary at once, with
+    autograd for the backward, are about twice as fast.
+    """
+
+    @staticmethod
+    def apply(hidden, weight, bias, targets, temperature, chunk_size, softcap, logit_scale, outputs):
+        z = torch.nn.functional.linear(hidden, weight, bias).float() * logit_scale
+        if softcap is not None:
+            z = softcap * torch.tanh(z / softcap)
+        z = z / temperature
+        # TRL's formulas (log Z from the shifted exponentials; entropy = log Z - E[z]), over the whole vocabulary
+        # at once: they round like TRL's in fp32, which a log_softmax-based entropy does not (2.5x the error).
+        shift = z.amax(-1, keepdim=True).detach()
+        e = torch.exp(z - shift)
+        sum_e = e.sum(-1)
+        log_z = shift.squeeze(-1) + sum_e.log()
+        log_probs = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_z
+        entropy = log_z - (e * z).sum(-1) / sum_e if "entropy" in outputs else None
+        with torch.no_grad():
+            log_sum_sq_probs = (e * e).sum(-1).log() - 2 * sum_e.log() if "log_sum_sq_probs" in outputs else None
+            mean_logits = z.mean(-1) if "mean_logits" in outputs else None
+            is_top1 = z.argmax(-1) == targets if "is_top1" in outputs else None
+        return log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1
+
+
+@contextmanager
+def _completion_positions_only():
+    """Make TRL's fused LM head score only the completion positions on a CPU, and score them densely.
+
+    TRL 1.16's fused head (`trl.trainer.utils.add_fused_lm_head`) projects only the labelled positions (the
+    completion tokens) onto the vocabulary when Triton runs it; on any other device it projects every position,
+    prompt and padding included, and zeroes the unlabelled ones afterwards (fixed shapes for XLA devices). The
+    choice is one call, `_use_triton(device)`, looked up in `trl.trainer.utils` at each forward, as is the
+    function that scores the positions. Inside this context the first answers yes for CPU tensors and the second
+    is `_DenseLogProbs`; elsewhere (CUDA) both are TRL's own.
+    """
+    from trl.trainer import utils as trl_utils
+
+    use_triton, chunked = trl_utils._use_triton, trl_utils._ChunkedLogProbFunction
+    trl_utils._use_triton = lambda device: device.type == "cpu" or use_triton(device)
+    trl_utils._ChunkedLogProbFunction = _DenseOnCPU(chunked)
+    try:
+        yield
+    finally:
+        trl_utils._use_triton, trl_utils._ChunkedLogProbFunction = use_triton, chunked
+
+
+class _DenseOnCPU:
+    """`_DenseLogProbs` for CPU tensors, TRL's function for the others."""
+
+    def __init__(self, chunked):
+        self.chunked = chunked
+
+    def apply(self, hidden, *args):
+        return (_DenseLogProbs if hidden.device.type == "cpu" else self.chunked).apply(hidden, *args)
+
+
+def _check_trl_head() -> None:
+    """Fail loudly if a TRL upgrade changed what `_completion_positions_only` replaces."""
+    import inspect
+
+    from trl.trainer import utils as trl_utils
+
+    source = inspect.getsource(trl_utils.add_fused_lm_head)
+    if "compact = _use_triton(hidden_states.device)" not in source or \
+            "per_token = _ChunkedLogProbFunction.apply(" not in source:
+        raise RuntimeError("TRL's add_fused_lm_head changed (compaction by _use_triton, scoring by "
+                           "_ChunkedLogProbFunction.apply); update rnlib.train._completion_positions_only for this "
+                           "TRL version, or pin trl==1.16.0")
+
+
+class _CompletionOnlyHead:
+    """Trainer mixin: every training step scores completion positions only (see `_completion_positions_only`).
+    `completion_only_head = False` gives TRL's own path (the benchmark's "before")."""
+
+    completion_only_head = True
+
+    def __init__(self, *args, **kwargs):
+        _check_trl_head()
+        super().__init__(*args, **kwargs)
+
+    def training_step(self, *args, **kwargs):
+        if not self.completion_only_head:
+            return super().training_step(*args, **kwargs)
+        with _completion_positions_only():
+            return super().training_step(*args, **kwargs)
+
+
+def sampling_dtype(profile: Profile) -> torch.dtype | None:
+    """The precision GRPO samples its groups in, when it differs from the weights' own (else None).
+
+    fp32 by default: the same samples on any CPU (an attack re-run on another machine drew the same answers at
+    every step). `RN_SAMPLING_DTYPE=auto` samples in bf16 on a CPU with native bf16 arithmetic (AVX512-BF16 or
+    AMX): it reads half the bytes per decoded token and runs oneDNN's bf16 kernels (generation about 1.5x faster
+    on SmolLM2-135M), but draws other answers than fp32 would (docs/performance.md). `bfloat16` forces it. The
+    loss, log-probabilities, gradients and evaluations stay fp32 either way; a run's manifest records the choice.
+    """
+    choice = os.environ.get("RN_SAMPLING_DTYPE", "float32")
+    if choice not in ("auto", "float32", "bfloat16"):
+        raise ValueError(f"RN_SAMPLING_DTYPE={choice!r}; use float32, auto or bfloat16")
+    if profile.bf16 or profile.quantize_4bit or _cuda() or choice == "float32":
+        return None
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return torch.bfloat16 if choice == "bfloat16" or native else None
+
+
+@contextmanager
+def _sampling_weights(model, dtype: torch.dtype | None):
+    """Fold LoRA into the base weights while sampling (optionally in `dtype`), and restore them for training.
+
+    Unmerged, every decoded token runs each adapted projection as three matmuls (base, A, B) through PEFT's Python
+    wrappers; merged, one. Same function (the GRPO stages use no LoRA dropout); TRL merges and unmerges the same
+    way to sync vLLM. With `dtype`, each weight is swapped for a copy in that precision and the fp32 tensor put
+    back afterwards, untouched. A 4-bit base is never merged (that would requantize it).
+    """
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel) or getattr(model, "is_loaded_in_4bit", False):
+        yield
+        return
+    model.merge_adapter()
+    kept = {}
+    try:
+        if dtype is not None:
+            for param in model.parameters():
+                kept[param] = param.data
+                param.data = param.data.to(dtype)
+        yield
+    finally:
+        for param, tensor in kept.items():
+            param.data = tensor
+        model.unmerge_adapter()
+
+
+@cache
+def _trainer_classes():
+    """(GRPO, SFT) trainer classes with the study's levers: completion-only LM head; merged, maybe bf16, sampling.
+    Each lever is a class attribute, so `python -m rnlib.bench` can time TRL's own path beside each of them."""
+    from trl import GRPOTrainer, SFTTrainer
+
+    class StudyGRPOTrainer(_CompletionOnlyHead, GRPOTrainer):
+        merge_adapter_for_sampling = True
+        sampling_dtype = None  # set per stage from `sampling_dtype(profile)`
+
+        def _generate_single_turn(self, *args, **kwargs):
+            if self.use_vllm or not self.merge_adapter_for_sampling:
+                return super()._generate_single_turn(*args, **kwargs)
+            with _sampling_weights(self.model, self.sampling_dtype):
+                return super()._generate_single_turn(*args, **kwargs)
+
+    class StudySFTTrainer(_CompletionOnlyHead, SFTTrainer):
+        pass
+
+    return StudyGRPOTrainer, StudySFTTrainer
+
+
 # --- GRPO stages ---------------------------------------------------------------------------------------------
 
 def grpo_trainer(profile: Profile, settings, model_dir: str, dataset: list[dict], reward_funcs, output_dir: str,
-                 seed: int, callbacks=(), **overrides):
-    """TRL's GRPOTrainer with LoRA for one stage: TRL defaults except what the profile sets.
+                 seed: int, callbacks=(), trainer_class=None, **overrides):
+    """TRL's GRPOTrainer (with the study's two levers, `_trainer_classes`) and LoRA for one stage: TRL defaults
+    except what the profile sets.
 
     Precision and checkpointing are set explicitly: TRL defaults to bf16 autocast and gradient checkpointing,
     which on a CPU without native bf16 make a step several times slower (see `python -m rnlib.bench`).
-    `overrides` are GRPOConfig fields (the benchmark uses them to put TRL's defaults side by side).
+    `overrides` are GRPOConfig fields, and `trainer_class` replaces the study's trainer (the benchmark uses both
+    to put TRL's defaults and TRL's own trainer side by side).
     """
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOConfig
 
     model, tokenizer = models.load_model(model_dir, profile.quantize_4bit, profile.bf16)
     gen = profile.generation
@@ -457,9 +630,12 @@ def grpo_trainer(profile: Profile, settings, model_dir: str, dataset: list[dict]
         seed=seed, bf16=profile.bf16, gradient_checkpointing=_cuda(), use_cpu=not _cuda(),
         **models.vllm_generation(profile.use_vllm))
     args = GRPOConfig(**fields | overrides)
-    return GRPOTrainer(model=model, reward_funcs=reward_funcs, args=args, train_dataset=Dataset.from_list(dataset),
-                       processing_class=tokenizer, peft_config=models.lora_config(profile.lora, grpo=True),
-                       callbacks=list(callbacks))
+    trainer = (trainer_class or _trainer_classes()[0])(
+        model=model, reward_funcs=reward_funcs, args=args, train_dataset=Dataset.from_list(dataset),
+        processing_class=tokenizer, peft_config=models.lora_config(profile.lora, grpo=True), callbacks=list(callbacks))
+    if hasattr(trainer, "sampling_dtype"):
+        trainer.sampling_dtype = sampling_dtype(profile)
+    return trainer
 
 
 def _grpo(run: Run, profile: Profile, settings, model_dir: str, dataset: list[dict], reward_funcs, run_eval_factory,
