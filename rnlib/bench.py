@@ -46,6 +46,9 @@ VARIANTS = {
     "merged-sampling-only": {"levers": {"completion_only_head": False}},
     # The opt-in lever: bf16 sampling where the CPU has native bf16 (rnlib.train.sampling_dtype).
     "profile-bf16-sampling": {"env": {"RN_SAMPLING_DTYPE": "auto"}},
+    # A KL anchor to the start model (TRL's beta; with PEFT the reference is the adapter-disabled model): the cost of
+    # its extra forward pass per step.
+    "kl-anchor": {"config": {"beta": 0.04}},
     "trl-defaults": {"config": {"bf16": True, "gradient_checkpointing": True}},
     # A lever the study does not pull: one generation call samples 4 steps' groups (decoding is memory-bound, so a
     # 4x batch costs far less than 4x), but steps 2-4 then learn from samples of an older policy.

@@ -179,6 +179,10 @@ class Run:
             "status": "running", "started": previous.get("started", time.strftime("%Y-%m-%dT%H:%M:%S")),
             "attempts": previous.get("attempts", 0) + 1})
 
+    def annotate(self, **fields) -> None:
+        """Add fields to the manifest of a run, finished or not (e.g. a check measured after it finished)."""
+        write_json_atomic(self.path / "manifest.json", self.manifest | fields)
+
     def finish(self, **fields) -> None:
         write_json_atomic(self.path / "manifest.json", self.manifest | fields | {
             "status": "finished", "ended": time.strftime("%Y-%m-%dT%H:%M:%S")})

@@ -25,7 +25,8 @@ from transformers import TrainerCallback
 from rnlib import data, models, pipeline
 from rnlib.config import Profile
 from rnlib.judges import is_refusal, make_judge
-from rnlib.metrics import evaluate, refusal_check as evaluate_refusals
+from rnlib.metrics import benign_health_problem, evaluate, refusal_check as evaluate_refusals
+from rnlib.metrics import utility_floor as utility_floor_of
 from rnlib.pipeline import Run
 from rnlib.rewards import (TokenEntropy, arithmetic_answer, defensive_score, entropy_bonus, entropy_suppression_reward,
                            exact_answer_reward, harm_reward, length_bonus, neutralization_reward)
@@ -316,13 +317,15 @@ def align(profile: Profile, seed: int = 0) -> Run:
 CHECK_SAMPLES = 8  # answers per prompt in a refusal check: 24 benign prompts give 192 answers, not 24
 
 
-def refusal_check(profile: Profile, run: Run, samples: int = CHECK_SAMPLES) -> dict:
-    """Refusal rates of a finished run's model on its eval prompts, `samples` answers each, with 95% intervals.
+def refusal_check(profile: Profile, run: Run, samples: int = CHECK_SAMPLES, health: bool = False) -> dict:
+    """Refusal rates of a finished run's model on its eval prompts, `samples` answers each, with 95% intervals,
+    and the length, variety and fluency of its benign answers (`benign_health`).
 
-    Measured once and kept in the run directory, so the bar below and notebook 05's over-refusal never re-sample.
+    Measured once and kept in the run directory, so the bar below and notebook 05's over-refusal never re-sample;
+    `health` re-samples a check kept before it carried `benign_health`.
     """
     file = run.path / f"refusal_check-n{samples}.json"
-    if file.is_file():
+    if file.is_file() and not (health and "benign_health" not in json.loads(file.read_text())):
         return json.loads(file.read_text())
     pipeline.require_training(run, f"the refusal check of {run.id}")
     if run.manifest["stage"] not in ("align", *DEFENSE_STAGES):
@@ -342,6 +345,21 @@ def refusal_checks(profile: Profile, labelled: list[tuple[dict, Run]]):
     return pd.DataFrame([labels | {f"{kind} {key}": value for kind in ("harmful", "benign")
                                    for key, value in refusal_check(profile, run)[f"{kind}_refusal"].items()}
                          for labels, run in labelled])
+
+
+def utility_floor(profile: Profile, run: Run) -> dict:
+    """The utility floor of a defended model against the standard model it started from (`metrics.utility_floor`),
+    measured once and kept in its manifest (`utility_floor`). Finetunability counts once both models' finetune
+    runs have finished."""
+    if "utility_floor" in run.manifest:
+        return run.manifest["utility_floor"]
+    start = Run(pipeline.runs_root() / run.manifest["start_model"])
+    finetuned = [stage_run(profile, "finetune", None, run.manifest["seed"], start=model.id) for model in (run, start)]
+    accuracy = [f.manifest["after"]["accuracy"] if f.finished else None for f in finetuned]
+    floor = utility_floor_of(refusal_check(profile, run, health=True), refusal_check(profile, start, health=True),
+                             *accuracy)
+    run.annotate(utility_floor=floor)
+    return floor
 
 
 def alignment_bar(profile: Profile, seed: int = 0) -> dict:
@@ -681,13 +699,16 @@ def _reward_movement(evals: list[dict], settings) -> tuple[float, float, int]:
 
 
 def neutralization_stop(settings):
-    """Stop once the defensive reward has plateaued AND the neutralization index reached its target."""
+    """Stop once the defensive reward has plateaued AND the neutralization index reached its target, with benign
+    answers still as long and varied as the utility floor asks: token soup is neutral only because it says nothing."""
 
     def rule(evals: list[dict]) -> str | None:
         latest = evals[-1]
         if latest["step"] < settings.min_steps or len(evals) < settings.plateau_window:
             return None
         reward, moved, _ = _reward_movement(evals, settings)
+        if benign_health_problem(latest, evals[0]):
+            return None
         if moved <= settings.plateau_tolerance and latest["neutralization_index"] >= settings.target_neutralization:
             return (f"neutralized at step {latest['step']}: index {latest['neutralization_index']:.2f} >= "
                     f"{settings.target_neutralization}, defensive reward plateaued at {reward:.3f}")
@@ -714,6 +735,9 @@ def _finish_defense(run: Run, profile: Profile, start: Run, trainer, reason: str
     _clean_checkpoints(run)
     run.finish(model_dir=model_dir, stop_reason=reason, steps_trained=trainer.state.global_step,
                before=run.evals()[0], after=run.evals()[-1])
+    floor = utility_floor(profile, run)
+    failed = [name for name, check in floor["checks"].items() if check["passes"] is False]
+    pipeline.say(f"{run.id} utility floor: " + (f"failed ({', '.join(failed)})" if failed else "passed"))
     return run
 
 
@@ -744,10 +768,12 @@ def defend(profile: Profile, domain: str, seed: int = 0, start: Run | None = Non
     stops = pipeline.read_jsonl(run.path / "stop.jsonl")
     evals = run.evals()
     reward, moved, n = _reward_movement(evals, settings)
+    problem = benign_health_problem(evals[-1], evals[0])
     reason = stops[-1]["reason"] if stops else (
         f"max_steps ({settings.max_steps}) reached before the stop rule held: neutralization index "
         f"{evals[-1]['neutralization_index']:.2f} (target {settings.target_neutralization}), defensive reward "
-        f"{reward:.3f} moved {moved:.3f} over the last {n} evaluations (plateau tolerance {settings.plateau_tolerance})")
+        f"{reward:.3f} moved {moved:.3f} over the last {n} evaluations (plateau tolerance {settings.plateau_tolerance})"
+        + (f"; {problem}" if problem else ""))
     return _finish_defense(run, profile, start, trainer, reason)
 
 

@@ -63,10 +63,15 @@ def test_defend_records_its_stop_reason_and_mechanism_metrics(defended):
     evals = defended.evals()
     assert evals[0]["step"] == 0
     for key in ("harm_mean", "harm_std", "refusal_rate", "benign_refusal_rate", "neutralization_index",
-                "defense_reward", "refusal_words"):
+                "defense_reward", "refusal_words", "benign_words", "benign_distinct", "benign_repetitive"):
         assert key in evals[-1], key
     assert 0 <= evals[-1]["neutralization_index"] <= 1
     assert (Path(defended.model_dir) / "model.safetensors").is_file()
+    # the utility floor is measured before any attack and kept in the manifest, against the aligned model
+    floor = manifest["utility_floor"]
+    assert set(floor["checks"]) >= {"benign refusal", "benign words / standard", "benign distinct"}
+    assert floor["passes"] == all(c["passes"] is not False for c in floor["checks"].values())
+    assert "benign_health" in train.refusal_check(load_profile("smoke"), defended)
 
 
 def test_attack_logs_every_step_and_redacts(attacked, defended):
