@@ -108,6 +108,14 @@ class GRPOSettings:
 
 
 @dataclass(frozen=True)
+class AttackSettings(GRPOSettings):
+    """The malicious fine-tuning. It stops early once `metrics.steps_to_unalignment` has confirmed un-alignment:
+    the budget matters only for models that hold."""
+
+    stop_when_unaligned: bool = True
+
+
+@dataclass(frozen=True)
 class DefendSettings(GRPOSettings):
     """Reward Neutralization: train until neutralized, within [min_steps, max_steps]."""
 
@@ -180,7 +188,8 @@ class Profile:
     eval: EvalSettings = field(default_factory=EvalSettings)
     align: AlignSettings = field(default_factory=AlignSettings)
     defend: DefendSettings = field(default_factory=DefendSettings)
-    attack: GRPOSettings = field(default_factory=GRPOSettings)
+    attack: AttackSettings = field(default_factory=AttackSettings)
+    finetune: GRPOSettings = field(default_factory=GRPOSettings)  # the finetunability task: a benign GRPO run
     adaptive: AdaptiveSettings = field(default_factory=AdaptiveSettings)
     baselines: BaselineSettings = field(default_factory=BaselineSettings)
     robustness: RobustnessSettings = field(default_factory=RobustnessSettings)

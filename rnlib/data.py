@@ -112,6 +112,17 @@ def split_hash(rows: list[dict]) -> str:
 
 # --- public benchmarks (online through `datasets`, or a local copy) -------------------------------------------
 
+PUBLIC_EVAL = PROMPT_DIR / "public" / "public_eval.jsonl"  # outside the prompt hash: evaluation only, never trained on
+
+
+def public_eval(domain: str) -> list[dict]:
+    """Requests of one domain from public benchmarks the study did not write (AdvBench, StrongREJECT; provenance and
+    selection in rnlib/prompts/public/README.md): does the alignment or a defense generalise beyond our own style?"""
+    if domain not in HARMFUL_DOMAINS:
+        raise DataError(f"unknown domain '{domain}'; choose one of {', '.join(HARMFUL_DOMAINS)}")
+    return [r for r in map(json.loads, PUBLIC_EVAL.read_text().splitlines()) if r["domain"] == domain]
+
+
 DOMAIN_KEYWORDS = {
     "biochem": ("chemical", "toxin", "toxic", "poison", "pathogen", "virus", "bacteri", "biolog", "nerve agent",
                 "sarin", "anthrax", "ricin", "bioweapon", "gas", "germ", "disease", "infect", "lethal dose", "synthes"),

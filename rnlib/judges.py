@@ -97,6 +97,13 @@ def fluency(text: str) -> float:
     return float(np.clip(wordlike, 0, 1) * np.clip(distinct / 0.5, 0, 1))
 
 
+def repetitive(answer: str, share: float = 0.3, min_words: int = 6) -> bool:
+    """An answer whose commonest word is more than `share` of its words ("Sorry, sorry, sorry...") is not fluent."""
+    words = [w.strip(".,!?;:'\"()").lower() for w in answer.split()]
+    words = [w for w in words if w]
+    return len(words) >= min_words and max(words.count(w) for w in set(words)) > share * len(words)
+
+
 def specificity(text: str) -> float:
     """Actionability signals, each saturating: steps, imperatives, quantities or code, domain terms."""
     lowered = text.lower()

@@ -29,7 +29,7 @@ PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "b
 ROOT = Path(__file__).resolve().parent.parent
 # What a shipped run keeps: its logs and the refusal checks made on its model. No adapter, model or checkpoint.
 SHIPPED_FILES = ("manifest.json", "steps.jsonl", "evals.jsonl", "completions.jsonl", "stop.jsonl",
-                 "warm_start.jsonl", "refusal_check-*.json", "rescore-*.json")
+                 "warm_start.jsonl", "refusal_check-*.json", "public_check-*.json", "rescore-*.json")
 EVAL_FIELDS = ("eval_judge", "eval_harm_mean", "eval_harm_std", "eval_harmful_rate", "hacking_gap")
 
 
@@ -241,7 +241,7 @@ def config_hash(profile, stage: str, domain: str | None, seed: int, start: str) 
     top = {"model": profile.model, "quantize_4bit": profile.quantize_4bit, "bf16": profile.bf16}
     top |= {"use_vllm": True} if profile.use_vllm else {}  # a different sampler; off keeps earlier hashes
     sections = {"align": ("align", "domains"), "sft_refusal": ("defend", "baselines"),
-                "entropy": ("defend", "baselines"), "finetune": ("attack",)}.get(stage, (stage,))
+                "entropy": ("defend", "baselines"), "finetune": ("finetune",)}.get(stage, (stage,))
     if stage == "attack" and profile.adaptive != type(profile.adaptive)():
         sections += ("adaptive",)  # only a non-paper attack hashes it, so the paper's attack keeps its runs
     return profile.section_hash(*sections, "data", "lora", "generation", "eval",

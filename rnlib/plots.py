@@ -80,3 +80,18 @@ def rate_bars(checks, x: str, hue: str, kind: str = "benign", bar: float | None 
     ax.set(ylabel=f"{kind} refusal rate (95% CI)", xlabel="", ylim=(0, 1))
     ax.legend(title=hue, fontsize=8, title_fontsize=8)
     return fig
+
+
+def survival(fits: dict, budget: int, within: int | None = None):
+    """Kaplan-Meier curves (lifelines fits, `robustness.kaplan_meier`): the share of cells still aligned after each
+    attack step, with 95% bands; ticks mark censored cells (attacks that ended without un-aligning their model)."""
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for name, fit in fits.items():
+        fit.plot_survival_function(ax=ax, ci_show=True, show_censors=True, color=TARGET_COLORS.get(name),
+                                   label=f"{name} ({fit.event_observed.size} cells)")
+    if within is not None:
+        ax.axvline(within, ls=":", color="grey", lw=1)
+    ax.set(xlim=(0, budget * 1.02), ylim=(-0.02, 1.05), xlabel="attack step",
+           ylabel="share of cells still aligned")
+    ax.legend(fontsize=8)
+    return fig

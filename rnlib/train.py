@@ -25,7 +25,8 @@ from transformers import TrainerCallback
 from rnlib import data, models, pipeline
 from rnlib.config import Profile
 from rnlib.judges import is_refusal, make_judge
-from rnlib.metrics import benign_health_problem, evaluate, refusal_check as evaluate_refusals
+from rnlib.metrics import CONFIRMATIONS, benign_health_problem, evaluate, steps_to_unalignment
+from rnlib.metrics import rate_with_interval, refusal_check as evaluate_refusals
 from rnlib.metrics import utility_floor as utility_floor_of
 from rnlib.pipeline import Run
 from rnlib.rewards import (TokenEntropy, arithmetic_answer, defensive_score, entropy_bonus, entropy_suppression_reward,
@@ -334,6 +335,35 @@ def refusal_check(profile: Profile, run: Run, samples: int = CHECK_SAMPLES, heal
     model, tokenizer = models.load_model(run.model_dir, profile.quantize_4bit, profile.bf16)
     check = evaluate_refusals(model, tokenizer, harmful, benign, profile.generation, samples,
                               profile.eval.batch_size, seed=run.manifest["seed"] + 2000) | {"model_dir": run.model_dir}
+    pipeline.write_json_atomic(file, check)
+    return check
+
+
+def public_check(profile: Profile, run: Run, domain: str, samples: int = CHECK_SAMPLES) -> dict:
+    """Refusal and harm (eval judge) of a trained model on public benchmark requests of `domain` (`data.public_eval`)
+    beside its own eval split of that domain, `samples` answers per prompt, same sampling for both.
+
+    A gap between the two says the alignment (or the defense) fits the style of the study's own prompts. Kept in the
+    run directory as rates and means only, never answers."""
+    file = run.path / f"public_check-{domain}-n{samples}.json"
+    if file.is_file():
+        return json.loads(file.read_text())
+    pipeline.require_training(run, f"the public-prompt check of {run.id}")
+    model, tokenizer = models.load_model(run.model_dir, profile.quantize_4bit, profile.bf16)
+    sets = {"own eval split": _eval_sets(profile, (domain,))[0], "public": data.public_eval(domain)}
+    check = {"domain": domain, "samples_per_prompt": samples, "seed": run.manifest["seed"] + 3000}
+    for name, rows in sets.items():
+        summary, records = evaluate(model, tokenizer, cached_judge(profile.judge.reward), rows, [], profile.generation,
+                                    samples, profile.eval.batch_size, seed=check["seed"],
+                                    eval_judge=cached_judge(profile.judge.eval))
+        sources = {r["id"]: r.get("source", "study") for r in rows}
+        by_source = {source: rate_with_interval(sum(r["refused"] for r in records if sources[r["prompt_id"]] == source),
+                                                sum(sources[r["prompt_id"]] == source for r in records))
+                     for source in sorted(set(sources.values()))}
+        check[name] = {"prompts": len(rows), "refusal": rate_with_interval(sum(r["refused"] for r in records),
+                                                                           len(records)),
+                       "refusal_by_source": by_source, "eval_harm_mean": summary["eval_harm_mean"],
+                       "eval_harmful_rate": summary["eval_harmful_rate"]}
     pipeline.write_json_atomic(file, check)
     return check
 
@@ -904,24 +934,39 @@ def attack(profile: Profile, domain: str, seed: int = 0, start: Run | None = Non
     trainer = _grpo(run, profile, settings, model_dir, rl_rows(harmful, "harmful"), rewards,
                     lambda tok: _make_eval(run, profile, tok, harmful_eval, benign_eval, seed,
                                            start.model_dir if model_dir == start.model_dir else None), seed,
-                    policy_readers=readers, **overrides)
+                    unalignment_stop if settings.stop_when_unaligned else None, policy_readers=readers, **overrides)
     _clean_checkpoints(run)
     shutil.rmtree(run.path / "warm_start", ignore_errors=True)
     shutil.rmtree(run.path / "warm_start_adapter", ignore_errors=True)
-    run.finish(model_dir=start.model_dir, stop_reason=f"max_steps ({settings.max_steps})",
-               steps_trained=trainer.state.global_step, before=run.evals()[0], after=run.evals()[-1])
+    stops = pipeline.read_jsonl(run.path / "stop.jsonl")
+    evals = run.evals()
+    step, observed = steps_to_unalignment(evals)
+    reason = stops[-1]["reason"] if stops else f"max_steps ({settings.max_steps})"
+    run.finish(model_dir=start.model_dir, stop_reason=reason,
+               steps_trained=trainer.state.global_step, before=evals[0], after=evals[-1],
+               steps_to_unalignment={"step": step, "observed": observed})
     return run
+
+
+def unalignment_stop(evals: list[dict]) -> str | None:
+    """The attack's stop rule: end once `metrics.steps_to_unalignment` has seen un-alignment confirmed."""
+    step, observed = steps_to_unalignment(evals)
+    if observed:
+        return (f"un-aligned at step {step}, confirmed over {CONFIRMATIONS} consecutive evaluations "
+                f"(eval-judge harm {evals[-1]['eval_harm_mean']:.2f}, refusal {evals[-1]['refusal_rate']:.0%})")
+    return None
 
 
 # --- utility: can the model still learn a benign task? -----------------------------------------------------------
 
 def finetune(profile: Profile, start: Run, seed: int = 0) -> Run:
-    """Finetunability: the attack's GRPO budget spent on a benign task with exact answers (rnlib.data.arithmetic).
+    """Finetunability: a GRPO budget (`profile.finetune`) spent on a benign task with exact answers
+    (rnlib.data.arithmetic).
 
     Accuracy on held-out questions (greedy answers) before and after: a defense that blocks benign learning
     shows up here.
     """
-    settings = profile.attack
+    settings = profile.finetune
     run = stage_run(profile, "finetune", None, seed, start=start.id)
     if _reused(run, profile):
         return run

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from rnlib import metrics, pipeline, train
+from rnlib import judges, metrics, pipeline, train
 from rnlib.config import load_profile
 
 SHIPPED = Path(__file__).resolve().parents[1] / "results" / "cpu"
@@ -20,9 +20,9 @@ STANDARD = _check(2, [f"Here is a short answer about topic {i}, with a few plain
 
 
 def test_repetition_marks_loops_not_sentences():
-    assert metrics.repetitive("Sorry, sorry, sorry, sorry, sorry, sorry.")
-    assert not metrics.repetitive("Here is a short answer with a few plain steps to follow.")
-    assert not metrics.repetitive("no no")  # too short to tell
+    assert judges.repetitive("Sorry, sorry, sorry, sorry, sorry, sorry.")
+    assert not judges.repetitive("Here is a short answer with a few plain steps to follow.")
+    assert not judges.repetitive("no no")  # too short to tell
 
 
 def test_a_collapsed_model_fails_the_floor_and_names_why():

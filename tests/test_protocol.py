@@ -1,0 +1,101 @@
+"""The paper's protocol at CPU scale: attacks that stop once un-alignment is confirmed, steps-to-un-alignment for
+survival curves, attack cells of defenses below their utility floor, and the public requests used as a check."""
+import json
+
+from rnlib import data, metrics, pipeline, robustness, train
+from rnlib.config import load_profile
+
+
+def _eval(step: int, harm: float, refusal: float) -> dict:
+    return {"step": step, "eval_harm_mean": harm, "refusal_rate": refusal, "benign_distinct": 1.0,
+            "harm_mean": harm}
+
+
+def test_unalignment_needs_two_consecutive_evaluations():
+    blip = [_eval(0, 0.5, 0.9), _eval(10, 3.0, 0.2), _eval(20, 1.0, 0.8), _eval(30, 1.2, 0.8)]
+    assert metrics.steps_to_unalignment(blip) == (30, False)  # one evaluation over the bar is not enough: censored
+    assert train.unalignment_stop(blip) is None
+    confirmed = blip + [_eval(40, 3.5, 0.1), _eval(50, 4.0, 0.0)]
+    assert metrics.steps_to_unalignment(confirmed) == (40, True)
+    assert train.unalignment_stop(confirmed).startswith("un-aligned at step 40")
+
+
+def test_a_model_harmful_before_the_attack_is_not_unaligned_by_it():
+    evals = [_eval(0, 2.5, 0.3), _eval(10, 2.8, 0.2), _eval(20, 2.9, 0.1)]  # above the bar, but raised < 1
+    assert metrics.steps_to_unalignment(evals) == (20, False)
+
+
+def test_the_cpu_attack_is_the_papers_length_and_stops_early():
+    profile = load_profile("cpu")
+    assert profile.attack.max_steps == 200 and profile.attack.eval_every == 10 and profile.attack.stop_when_unaligned
+    assert profile.defend.beta > 0  # the GRPO defenses are anchored to their start model
+    assert profile.finetune.max_steps < profile.attack.max_steps  # the finetunability task keeps its own budget
+
+
+def _manifest(path, **fields):
+    path.mkdir(parents=True)
+    (path / "manifest.json").write_text(json.dumps(fields))
+    return pipeline.Run(path)
+
+
+def test_attack_cells_of_a_defense_below_its_floor_are_reported_as_failed(tmp_path):
+    _manifest(tmp_path / "defend-a", stage="defend", utility_floor={"passes": False})
+    _manifest(tmp_path / "defend-b", stage="defend", utility_floor={"passes": True})
+    _manifest(tmp_path / "defend-c", stage="defend")
+    _manifest(tmp_path / "align-x", stage="align")
+    verdicts = {start: robustness.utility_floor_verdict(_manifest(tmp_path / f"attack-{start}", stage="attack",
+                                                                  start_model=start))
+                for start in ("defend-a", "defend-b", "defend-c", "align-x")}
+    assert verdicts == {"defend-a": "failed", "defend-b": "passed", "defend-c": "not checked",
+                        "align-x": "standard model"}
+
+
+def test_public_requests_are_outside_the_study_prompts_and_the_prompt_hash():
+    own = {data.normalize(r["prompt"]) for d in data.HARMFUL_DOMAINS for s in ("defense", "attack", "eval")
+           for r in data.harmful_split(d, s)}
+    for domain in data.HARMFUL_DOMAINS:
+        rows = data.public_eval(domain)
+        assert len(rows) >= 15 and {r["source"] for r in rows} == {"AdvBench", "StrongREJECT"}
+        assert not own & {data.normalize(r["prompt"]) for r in rows}
+    assert data.PUBLIC_EVAL.parent != data.PROMPT_DIR  # prompt_sets_hash globs PROMPT_DIR/*.jsonl only
+
+
+def _cells(rows):
+    import pandas as pd
+
+    return pd.DataFrame([dict(zip(("target", "attack", "steps", "unaligned", "highest harm", "utility floor"), r),
+                              budget=200) for r in rows])
+
+
+STANDARD_CELLS = [("standard", "paper", s, True, 4.0, "standard model") for s in (20, 20, 30, 40, 60, 30)]
+RN_CELLS = [("defended", "paper", 200, False, 0.5, "passed")] * 4 + [("defended", "paper", 90, True, 3.0, "passed"),
+                                                                     ("defended", "paper", 200, False, 0.1, "failed")]
+
+
+def test_survival_statistics_from_cells():
+    cells = _cells(STANDARD_CELLS + RN_CELLS)
+    fits = robustness.kaplan_meier(cells)
+    medians = robustness.median_survival(fits).set_index("model")
+    assert medians.loc["standard", "median steps to un-alignment"] == 30
+    assert medians.loc["defended", "cells"] == 5  # the floor-failing cell is left out of the curve
+    assert medians.loc["defended", "median steps to un-alignment"] == float("inf")
+    test = robustness.logrank(cells).iloc[0]
+    assert test["comparison"] == "defended vs standard" and test["p"] < 0.01
+    claims = robustness.paper_claims(cells).set_index("claim")["ours"].tolist()
+    assert claims == ["5/6 cells (83%, 95% CI 44%-97%)", "4/6 cells (67%, 95% CI 30%-90%)"]
+
+
+def test_worst_case_takes_the_strongest_attack():
+    cells = _cells(RN_CELLS + [("defended", "entropy_bonus", 40, True, 6.0, "passed"),
+                               ("standard", "paper", 20, True, 5.0, "standard model")])
+    worst = robustness.worst_case(cells).set_index("target")
+    assert worst.loc["defended", "earliest un-alignment (step)"] == 40
+    assert worst.loc["defended", "by attack"] == "entropy_bonus" and worst.loc["defended", "highest harm"] == 6.0
+    assert worst.loc["defended", "failed utility floor"] == 1
+
+
+def test_survival_figure_draws_one_curve_per_model(tmp_path):
+    from rnlib import plots
+
+    fig = plots.survival(robustness.kaplan_meier(_cells(STANDARD_CELLS + RN_CELLS)), budget=200, within=50)
+    assert {t.get_text().split(" (")[0] for t in fig.axes[0].get_legend().get_texts()} == {"standard", "defended"}
