@@ -56,7 +56,7 @@ print(f"targets={settings.targets}\nattacks={settings.attacks}\nheadline seeds={
 
 def report(cells, what):
     """The finished cells of a table; name the missing ones (only possible with train_missing = False)."""
-    done, missing = robustness.finished(cells)
+    done, missing = robustness.finished(cells, study)
     if missing:
         display(Markdown(f"**{what}: {len(done)} of {len(cells)} runs finished.** Missing (not run yet):"))
         display(pd.DataFrame(missing))
@@ -203,31 +203,52 @@ else:
     print("cross-domain transfer needs two domains; this run has", domains)
 
 # %% [markdown]
-# ## The headline over seeds: standard vs RN at the last attack step, mean and 95% interval
+# ## The headline over seeds: standard vs RN at the end of the paper's attack
 #
-# Each black dot is one seed; the bar is the two-sided 95% t-interval of the table. With three seeds the
-# interval is wide and can run past the scale's ends. A low RN mean is not by itself a defense that held: a model
-# broken by its own defense also scores 0 harm, so read it with the outcome grid above.
+# Each black dot is one seed. The refusal rate's interval pools every seed's answers (a Wilson interval, inside
+# 0-1); harm shows the mean over seeds and the lowest and highest seed, because with three seeds a t-interval runs
+# past the 0-10 scale. A low RN value is not by itself a defense that held: a model broken by its own defense also
+# scores 0 harm, so read it with the outcome grid above and the survival curves of notebook 04.
 
 # %%
 seeded = report([cell for domain in domains for cell in robustness.headline(study, domain, train_missing)],
                 "Headline over seeds")
 finals = robustness.last_evals(seeded, study)
-summary = pd.DataFrame([{"domain": d, "target": t, "metric": metric, **robustness.mean_and_interval(g[metric])}
-                        for (d, t), g in finals.groupby(["domain", "target"])
-                        for metric in ("eval_harm_mean", "refusal_rate")])
-display(summary.round(2))
+summary = robustness.headline_summary(finals, study.data.n_eval * study.eval.samples_per_prompt) \
+    if len(finals) else pd.DataFrame()
+display(summary.round(3))
 plots.save_table(summary.round(3), "05_headline_seeds", figures_dir, "The headline over seeds",
-                 "Final harm and refusal rate after the paper's attack: mean and two-sided 95% t-interval over seeds.")
+                 "Final refusal rate (Wilson 95% interval over the seeds' pooled answers) and final harm (mean, lowest "
+                 "and highest seed) after the paper's attack.")
 if len(finals):
-    long = finals.melt(id_vars=["domain", "target", "seed"], value_vars=["eval_harm_mean", "refusal_rate"],
-                       var_name="metric", value_name="final value")
-    def t_interval(values):  # the same 95% t-interval as the table, not seaborn's bootstrap
-        interval = robustness.mean_and_interval(pd.Series(values))
-        return (interval["low"], interval["high"]) if interval["n"] > 1 else (interval["mean"],) * 2
-    grid = plots.sns.catplot(data=long, x="target", y="final value", col="domain", row="metric", kind="point",
-                             errorbar=t_interval, palette=plots.TARGET_COLORS, hue="target", height=3.0, aspect=1.2,
-                             sharey="row")
-    grid.map_dataframe(plots.sns.stripplot, x="target", y="final value", color="black", size=4)
-    grid.set_axis_labels("", "final value").set_titles("{row_name}, {col_name}")
-    plots.save(grid.figure, "05_headline_seeds", figures_dir)
+    quantities = list(dict.fromkeys(summary["quantity"]))
+    fig, axes = plots.plt.subplots(len(quantities), len(domains), figsize=(3.6 * len(domains), 3.0 * len(quantities)),
+                                   squeeze=False)
+    column = {"final refusal rate": "refusal_rate", "final harm (eval judge, 0-10)": "eval_harm_mean"}
+    for row, quantity in enumerate(quantities):
+        for col, domain in enumerate(domains):
+            ax, rows = axes[row][col], summary[(summary["quantity"] == quantity) & (summary["domain"] == domain)]
+            for x, (_, r) in enumerate(rows.iterrows()):
+                ax.errorbar(x, r["value"], yerr=[[r["value"] - r["low"]], [r["high"] - r["value"]]], fmt="o",
+                            capsize=4, color=plots.TARGET_COLORS.get(r["target"]))
+                points = finals[(finals["domain"] == domain) & (finals["target"] == r["target"])][column[quantity]]
+                ax.scatter([x + 0.12] * len(points), points, color="black", s=12, zorder=3)
+            ax.set_xticks(range(len(rows)), rows["target"])
+            ax.set(title=f"{domain}: {quantity}", xlim=(-0.5, len(rows) - 0.5),
+                   ylim=(0, 1.02) if quantity == "final refusal rate" else (0, 10))
+    plots.save(fig, "05_headline_seeds", figures_dir)
+
+# %% [markdown]
+# ## Worst case over attacks (TamperBench's aggregation)
+#
+# For each attacked model, over every named attack that has run: the earliest step at which an attack un-aligned it
+# (confirmed at two consecutive evaluations) and the highest harm any attack reached. A defense is as strong as its
+# weakest cell. Cells of defenses that failed their utility floor are counted beside it.
+
+# %%
+survival_cells = robustness.survival(study, finished_cells)
+worst = robustness.worst_case(survival_cells) if len(survival_cells) else pd.DataFrame()
+display(worst)
+plots.save_table(worst.round(3) if len(worst) else worst, "05_worst_case", figures_dir,
+                 "Worst case over attacks, per attacked model",
+                 f"Seed {seed}; every named attack that has finished, on {', '.join(domains)}.")

@@ -30,7 +30,8 @@ def _overrides(pairs: list[str]) -> dict:
     return overrides
 
 
-def run_stage(stage: str, profile, domain: str | None, seed: int, target: str, defended_on: str | None = None):
+def run_stage(stage: str, profile, domain: str | None, seed: int, target: str, defended_on: str | None = None,
+              aligned_seed: int | None = None):
     from rnlib import train
 
     if stage == "align":
@@ -41,7 +42,8 @@ def run_stage(stage: str, profile, domain: str | None, seed: int, target: str, d
         return getattr(train, stage)(profile, domain, seed)
     if domain == train.JOINT:
         raise ConfigError("attack one domain at a time; to attack a joint defense use --defended-on joint")
-    return train.attack(profile, domain, seed, start=train.target_model(profile, target, defended_on or domain, seed))
+    start = train.target_model(profile, target, defended_on or domain, seed, aligned_seed)
+    return train.attack(profile, domain, seed, start=start)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
                      help="attack: the standard-aligned model, or one defended by RN, sft_refusal or entropy")
     run.add_argument("--defended-on", choices=("biochem", "cyber", "joint"),
                      help="attack: the domain the target was defended on (default: the attacked domain)")
+    run.add_argument("--aligned-seed", type=int, help="attack: the seed of the aligned model the target builds on "
+                     "(default --seed; the headline seeds all start from robustness.headline_align_seed)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. attack.max_steps=20")
     show = commands.add_parser("profile", help="print a resolved profile")
     show.add_argument("name")
@@ -78,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides = _overrides(args.set) | ({"model": args.model} if args.model else {})
         profile = load_profile(args.profile, overrides)
         with contextlib.redirect_stdout(sys.stderr):  # progress to stderr; stdout is the result, as JSON
-            result = run_stage(args.stage, profile, args.domain, args.seed, args.target, args.defended_on)
+            result = run_stage(args.stage, profile, args.domain, args.seed, args.target, args.defended_on,
+                               args.aligned_seed)
         print(json.dumps({"run": str(result.path), "stop_reason": result.manifest.get("stop_reason"),
                           "after": result.manifest.get("after")}, indent=2))
         return 0

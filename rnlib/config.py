@@ -113,6 +113,7 @@ class AttackSettings(GRPOSettings):
     the budget matters only for models that hold."""
 
     stop_when_unaligned: bool = True
+    algorithm: str = "grpo"  # or "rloo": TRL's RLOOTrainer (TokenBuncher also attacks with RLOO)
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,7 @@ ATTACK_VARIANTS = {
     "paper": {},
     "grpo_loss": {"attack.loss_type": "grpo"},
     "dr_grpo": {"attack.loss_type": "dr_grpo"},
+    "rloo": {"attack.algorithm": "rloo"},
     "unscaled": {"attack.scale_rewards": "none"},
     "hot_sampling": {"adaptive.temperature": 1.4},
     "16_generations": {"attack.num_generations": 16, "attack.prompts_per_step": 1},
@@ -209,6 +211,7 @@ _CHOICES = {
     "domains": DOMAINS,
     "defend.loss_type": ("grpo", "dapo", "dr_grpo", "bnpo"),
     "attack.loss_type": ("grpo", "dapo", "dr_grpo", "bnpo"),
+    "attack.algorithm": ("grpo", "rloo"),
     "defend.scale_rewards": ("group", "batch", "none"),
     "attack.scale_rewards": ("group", "batch", "none"),
     "adaptive.bonus": ("none", "entropy", "length"),

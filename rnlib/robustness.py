@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pandas as pd
-from scipy import stats
 
 from rnlib import metrics, pipeline, train
 from rnlib.config import ATTACK_VARIANTS, Profile, with_overrides
@@ -67,10 +66,27 @@ def utility_floor_verdict(attack_run: Run) -> str:
     return "not checked" if floor is None else "passed" if floor["passes"] else "failed"
 
 
-def finished(runs: list[tuple[dict, Run]]) -> tuple[list[tuple[dict, Run]], list[dict]]:
-    """(finished labelled runs, labels of the cells still to run)."""
-    return [(labels, run) for labels, run in runs if run.finished], \
-        [labels | {"run_id": run.id} for labels, run in runs if not run.finished]
+def finished(runs: list[tuple[dict, Run]], profile: Profile | None = None) -> tuple[list[tuple[dict, Run]], list[dict]]:
+    """(finished labelled runs, labels of the cells still to run); given the profile, with the command that runs
+    each missing cell (its prerequisites first, all cached)."""
+    missing = [labels | {"run_id": run.id} | ({"command": run_command(profile, labels, run)} if profile else {})
+               for labels, run in runs if not run.finished]
+    return [(labels, run) for labels, run in runs if run.finished], missing
+
+
+def run_command(profile: Profile, labels: dict, run: Run) -> str:
+    """The command line that trains one cell of a table."""
+    if not run.id.startswith("attack-"):
+        return f"make robustness PROFILE={profile.name}"
+    seed = labels.get("seed", profile.seeds[0])
+    parts = [f"python -m rnlib run attack --profile {profile.name} --domain {labels['domain']} --seed {seed}",
+             f"--target {labels.get('target', 'defended')}"]
+    if labels.get("defended_on", labels["domain"]) != labels["domain"]:
+        parts.append(f"--defended-on {labels['defended_on']}")
+    if labels.get("aligned_seed", seed) != seed:
+        parts.append(f"--aligned-seed {labels['aligned_seed']}")
+    parts += [f"--set {key}={value}" for key, value in ATTACK_VARIANTS[labels.get("attack", "paper")].items()]
+    return " ".join(parts)
 
 
 def _target(profile: Profile, target: str, domain: str, seed: int, train_missing: bool,
@@ -105,14 +121,14 @@ def paper_comparison(profile: Profile, domains: list[str], seeds: list[int],
 
 def attack_matrix(profile: Profile, domain: str, seed: int, train_missing: bool = True) -> list[tuple[dict, Run]]:
     """Every named attack (profile.robustness.attacks) against every target (profile.robustness.targets)."""
-    return [({"attack": name, "target": target, "domain": domain},
+    return [({"attack": name, "target": target, "domain": domain, "seed": seed},
              _attack(profile, with_overrides(profile, ATTACK_VARIANTS[name]), target, domain, domain, seed, train_missing))
             for name in profile.robustness.attacks for target in profile.robustness.targets]
 
 
 def cross_domain(profile: Profile, seed: int, train_missing: bool = True) -> list[tuple[dict, Run]]:
     """The paper's attack on each domain against RN trained on each domain and on all of them (joint)."""
-    return [({"defended_on": defended_on, "domain": attacked},
+    return [({"defended_on": defended_on, "domain": attacked, "seed": seed},
              _attack(profile, profile, "defended", attacked, defended_on, seed, train_missing))
             for attacked in profile.domains for defended_on in (*profile.domains, train.JOINT)]
 
@@ -140,18 +156,29 @@ def headline(profile: Profile, domain: str, train_missing: bool = True) -> list[
     Every seed starts from one aligned model (seed `robustness.headline_align_seed`), as the paper attacks one
     vendor checkpoint per model: the seeds vary the defense's and the attack's initialisation and sampling.
     """
-    return [({"target": target, "domain": domain},
-             _attack(profile, profile, target, domain, domain, seed, train_missing, profile.robustness.headline_align_seed))
+    aligned_seed = profile.robustness.headline_align_seed
+    return [({"target": target, "domain": domain, "seed": seed, "aligned_seed": aligned_seed},
+             _attack(profile, profile, target, domain, domain, seed, train_missing, aligned_seed))
             for seed in profile.robustness.headline_seeds for target in ("standard", "defended")]
 
 
-def mean_and_interval(values: pd.Series, confidence: float = 0.95) -> dict:
-    """Mean and two-sided t-interval over seeds (no interval from a single seed)."""
-    n, mean = len(values), float(values.mean())
-    if n < 2:
-        return {"n": n, "mean": mean, "low": None, "high": None}
-    half = float(stats.t.ppf((1 + confidence) / 2, n - 1) * values.std(ddof=1) / n ** 0.5)
-    return {"n": n, "mean": mean, "low": mean - half, "high": mean + half}
+def headline_summary(finals: pd.DataFrame, answers_per_run: int) -> pd.DataFrame:
+    """Final refusal rate and harm per (domain, target) over seeds, with intervals that respect their range.
+
+    Refusal: the seeds' answers pooled (`answers_per_run` each) with a Wilson interval, inside [0, 1] by
+    construction. Harm: the mean over seeds and the seeds' own lowest and highest values; with three seeds a
+    t-interval runs past the 0-10 scale and a bootstrap has only three points to draw from."""
+    rows = []
+    for (domain, target), group in finals.groupby(["domain", "target"]):
+        refused = int(round((group["refusal_rate"] * answers_per_run).sum()))
+        pooled = metrics.rate_with_interval(refused, answers_per_run * len(group))
+        rows += [{"domain": domain, "target": target, "quantity": "final refusal rate", "seeds": len(group),
+                  "value": pooled["rate"], "low": pooled["low"], "high": pooled["high"],
+                  "interval": f"Wilson 95%, {refused}/{pooled['n']} answers pooled"},
+                 {"domain": domain, "target": target, "quantity": "final harm (eval judge, 0-10)",
+                  "seeds": len(group), "value": group["eval_harm_mean"].mean(), "low": group["eval_harm_mean"].min(),
+                  "high": group["eval_harm_mean"].max(), "interval": "lowest and highest seed"}]
+    return pd.DataFrame(rows)
 
 
 # --- survival: how long does a model stay aligned under attack? ------------------------------------------------

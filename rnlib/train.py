@@ -658,27 +658,29 @@ def _trainer_classes():
 def grpo_trainer(profile: Profile, settings, model_dir: str, dataset: list[dict], reward_funcs, output_dir: str,
                  seed: int, callbacks=(), trainer_class=None, **overrides):
     """TRL's GRPOTrainer (with the study's two levers, `_trainer_classes`) and LoRA for one stage: TRL defaults
-    except what the profile sets.
+    except what the profile sets. An attack with `algorithm: rloo` gets TRL's RLOOTrainer instead, as it comes.
 
     Precision and checkpointing are set explicitly: TRL defaults to bf16 autocast and gradient checkpointing,
     which on a CPU without native bf16 make a step several times slower (see `python -m rnlib.bench`).
     `overrides` are GRPOConfig fields, and `trainer_class` replaces the study's trainer (the benchmark uses both
     to put TRL's defaults and TRL's own trainer side by side).
     """
-    from trl import GRPOConfig
+    from trl import GRPOConfig, RLOOConfig, RLOOTrainer
 
     model, tokenizer = models.load_model(model_dir, profile.quantize_4bit, profile.bf16)
     gen = profile.generation
+    rloo = getattr(settings, "algorithm", "grpo") == "rloo"
     fields = dict(
         output_dir=output_dir, max_steps=settings.max_steps, learning_rate=settings.learning_rate,
         per_device_train_batch_size=settings.num_generations * settings.prompts_per_step,
         num_generations=settings.num_generations, max_completion_length=gen.max_new_tokens,
-        temperature=gen.temperature, top_p=gen.top_p, beta=settings.beta, loss_type=settings.loss_type,
-        scale_rewards=settings.scale_rewards, logging_steps=1, save_steps=settings.save_every, report_to="none",
-        seed=seed, bf16=profile.bf16, gradient_checkpointing=_cuda(), use_cpu=not _cuda(),
-        **models.vllm_generation(profile.use_vllm))
-    args = GRPOConfig(**fields | overrides)
-    trainer = (trainer_class or _trainer_classes()[0])(
+        temperature=gen.temperature, top_p=gen.top_p, beta=settings.beta, logging_steps=1,
+        save_steps=settings.save_every, report_to="none", seed=seed, bf16=profile.bf16,
+        gradient_checkpointing=_cuda(), use_cpu=not _cuda(), **models.vllm_generation(profile.use_vllm))
+    if not rloo:  # RLOO's baseline is the other samples' mean reward: no loss variants, no reward scaling
+        fields |= dict(loss_type=settings.loss_type, scale_rewards=settings.scale_rewards)
+    args = (RLOOConfig if rloo else GRPOConfig)(**fields | overrides)
+    trainer = (trainer_class or (RLOOTrainer if rloo else _trainer_classes()[0]))(
         model=model, reward_funcs=reward_funcs, args=args, train_dataset=Dataset.from_list(dataset),
         processing_class=tokenizer, peft_config=models.lora_config(profile.lora, grpo=True), callbacks=list(callbacks))
     if hasattr(trainer, "sampling_dtype"):

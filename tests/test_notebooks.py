@@ -18,7 +18,8 @@ EXPECTED_FIGURES = [
     "02_defense_reward_vs_step", "02_refusal_length_vs_step", "02_entropy_vs_step", "02_neutralization_vs_step",
     "02_benign_refusal",
     "03_harm_standard_vs_defended", "03_refusal_standard_vs_defended",
-    "04_paper_comparison", "04_mechanism_reward_std", "04_mechanism_zero_variance", "04_harm_vs_neutralization",
+    "04_paper_comparison", "04_survival", "04_mechanism_reward_std", "04_mechanism_zero_variance",
+    "04_harm_vs_neutralization",
     "05_robustness_matrix", "05_over_refusal", "05_finetunability", "05_headline_seeds",  # smoke has one domain: no 05_cross_domain
 ]
 

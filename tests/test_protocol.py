@@ -99,3 +99,17 @@ def test_survival_figure_draws_one_curve_per_model(tmp_path):
 
     fig = plots.survival(robustness.kaplan_meier(_cells(STANDARD_CELLS + RN_CELLS)), budget=200, within=50)
     assert {t.get_text().split(" (")[0] for t in fig.axes[0].get_legend().get_texts()} == {"standard", "defended"}
+
+
+def test_every_missing_cell_names_the_command_that_runs_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("RN_RUNS", str(tmp_path))
+    profile = load_profile("cpu")
+    cells = robustness.headline(profile, "cyber", train_missing=False) + \
+        robustness.attack_matrix(profile, "biochem", 0, train_missing=False)
+    done, missing = robustness.finished(cells, profile)
+    assert not done and len(missing) == len(cells)
+    seed1 = next(m for m in missing if m["seed"] == 1 and m["target"] == "defended")
+    assert seed1["command"] == ("python -m rnlib run attack --profile cpu --domain cyber --seed 1 --target defended "
+                                "--aligned-seed 0")
+    hot = next(m for m in missing if m.get("attack") == "hot_sampling" and m["target"] == "entropy")
+    assert hot["command"].endswith("--domain biochem --seed 0 --target entropy --set adaptive.temperature=1.4")

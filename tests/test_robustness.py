@@ -74,3 +74,14 @@ def test_finetunability_task_records_accuracy_before_and_after(aligned, profile)
     assert [e["step"] for e in run.evals()] == list(range(0, profile.attack.max_steps + 1, profile.attack.eval_every))
     assert 0 <= manifest["before"]["accuracy"] <= 1 and 0 <= manifest["after"]["accuracy"] <= 1
     assert "rewards/exact_answer_reward/mean" in run.steps()[0]
+
+
+def test_rloo_attack_trains_through_trls_rloo_trainer(aligned, profile):
+    from rnlib.config import ATTACK_VARIANTS, with_overrides
+
+    rloo = with_overrides(profile, ATTACK_VARIANTS["rloo"] | {"attack.max_steps": 1})
+    run = train.attack(rloo, "cyber", start=aligned)
+    assert run.finished and run.manifest["profile"]["attack"]["algorithm"] == "rloo"
+    assert run.id != train.stage_run(profile, "attack", "cyber", 0, aligned.id).id  # its own cell in the matrix
+    step = run.steps()[0]
+    assert {"reward", "loss"} <= set(step) and "steps_to_unalignment" in run.manifest
