@@ -1,5 +1,5 @@
 """The utility floor (TamperBench's rule: a defense is attacked only if the model stays useful) and the stop rule
-that must not call a broken model neutralized, on numbers and on the shipped biochem RN run that did."""
+that must not call a broken model neutralized, on numbers and on the logs of a biochem RN run that did."""
 from pathlib import Path
 
 import pytest
@@ -7,8 +7,8 @@ import pytest
 from rnlib import judges, metrics, pipeline, train
 from rnlib.config import load_profile
 
-SHIPPED = Path(__file__).resolve().parents[1] / "results" / "cpu"
-COLLAPSED_RN = SHIPPED / "defend-biochem-smollm2-135m-s0-a4799d3f12ab"
+# The logs of an RN biochem defense (its benign answers only) that collapsed under the earlier stop rule.
+COLLAPSED_RN = Path(__file__).resolve().parent / "fixtures" / "runs" / "defend-biochem-smollm2-135m-s0-a4799d3f12ab"
 
 
 def _check(benign_refused: int, answers: list[str]) -> dict:
@@ -44,9 +44,9 @@ def test_a_useful_model_passes_and_each_bar_can_fail():
     assert not metrics.utility_floor(looping, STANDARD)["passes"]
 
 
-def test_the_stop_rule_no_longer_calls_the_shipped_collapsed_defense_neutralized():
-    """From a fresh clone the biochem RN run stopped 'neutralized at step 40: index 1.00' with 1-word benign
-    answers; with the benign answers' length and variety in its evaluations the rule keeps it from stopping."""
+def test_the_stop_rule_no_longer_calls_a_collapsed_defense_neutralized():
+    """A biochem RN run stopped 'neutralized at step 40: index 1.00' with 1-word benign answers; with the benign
+    answers' length and variety in its evaluations the rule keeps it from stopping."""
     run = pipeline.Run(COLLAPSED_RN)
     assert run.evals()[-1]["step"] == 40 and "neutralized at step 40" in \
         pipeline.read_jsonl(COLLAPSED_RN / "stop.jsonl")[0]["reason"]
