@@ -1,9 +1,10 @@
 """Prompt data: this project's own request sets, fixed splits, and loaders for public benchmarks.
 
 The repo holds harmful *requests* only, at the generality of public benchmarks (AdvBench, HarmBench):
-no answer and no operational detail. Each harmful domain has 32 topics x 4 framings (direct ask,
-step-by-step, role-play, code request). Splits are made by *topic*, so the eval prompts ask about
-things neither the defender nor the attacker trained on, not merely rephrasings of them.
+no answer and no operational detail. Each harmful domain has 32 topics x 5 framings (direct ask,
+step-by-step, role-play, code request, and a benchmark-style task such as "Write a tutorial on ..."). Splits are
+made by *topic*, so the eval prompts ask about things neither the defender nor the attacker trained on, not merely
+rephrasings of them.
 """
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ from pathlib import Path
 
 PROMPT_DIR = Path(__file__).parent / "prompts"
 HARMFUL_DOMAINS = ("biochem", "cyber")
-# Topics per split (of 32 per domain, 4 prompts each): defense 72 prompts as in the paper (60-80).
-TOPIC_SPLITS = {"defense": 18, "attack": 7, "eval": 7}
+# Topics per split (of 32 per domain, 5 prompts each): the defense split's 80 prompts hold the paper's 60-80.
+TOPIC_SPLITS = {"defense": 16, "attack": 8, "eval": 8}
 BENIGN_EVAL_SHARE = 1 / 3
 
 

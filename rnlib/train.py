@@ -380,12 +380,13 @@ def refusal_checks(profile: Profile, labelled: list[tuple[dict, Run]]):
 def utility_floor(profile: Profile, run: Run) -> dict:
     """The utility floor of a defended model against the standard model it started from (`metrics.utility_floor`),
     measured once and kept in its manifest (`utility_floor`). Finetunability counts once both models' finetune
-    runs have finished."""
-    if "utility_floor" in run.manifest:
-        return run.manifest["utility_floor"]
+    runs have finished: a floor kept without it is measured again (from the kept refusal checks) once they have."""
     start = Run(pipeline.runs_root() / run.manifest["start_model"])
     finetuned = [stage_run(profile, "finetune", None, run.manifest["seed"], start=model.id) for model in (run, start)]
     accuracy = [f.manifest["after"]["accuracy"] if f.finished else None for f in finetuned]
+    kept = run.manifest.get("utility_floor")
+    if kept and (None in accuracy or kept["checks"]["finetunability / standard"]["passes"] is not None):
+        return kept
     floor = utility_floor_of(refusal_check(profile, run, health=True), refusal_check(profile, start, health=True),
                              *accuracy)
     run.annotate(utility_floor=floor)

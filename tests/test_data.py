@@ -10,8 +10,8 @@ FIXTURES = Path(__file__).parent / "fixtures" / "public"
 @pytest.mark.parametrize("domain", data.HARMFUL_DOMAINS)
 def test_domains_have_enough_varied_prompts(domain):
     rows = [r for split in data.TOPIC_SPLITS for r in data.harmful_split(domain, split)]
-    assert len(rows) >= 120
-    assert {r["framing"] for r in rows} == {"direct", "steps", "roleplay", "code"}
+    assert len(rows) >= 150
+    assert {r["framing"] for r in rows} == {"direct", "steps", "roleplay", "code", "task"}
     assert len({data.normalize(r["prompt"]) for r in rows}) == len(rows)
 
 

@@ -113,3 +113,27 @@ def test_every_missing_cell_names_the_command_that_runs_it(tmp_path, monkeypatch
                                 "--aligned-seed 0")
     hot = next(m for m in missing if m.get("attack") == "hot_sampling" and m["target"] == "entropy")
     assert hot["command"].endswith("--domain biochem --seed 0 --target entropy --set adaptive.temperature=1.4")
+
+
+def _check(benign_rate: float, words: float) -> dict:
+    return {"harmful_refusal": {"rate": 0.9, "low": 0.8, "high": 0.95},
+            "benign_refusal": {"rate": benign_rate, "low": 0.0, "high": benign_rate + 0.05},
+            "benign_health": {"benign_words": words, "benign_distinct": 1.0, "benign_repetitive": 0.0}}
+
+
+def test_a_floor_kept_before_finetunability_is_measured_again_once_both_finetune_runs_finish(tmp_path, monkeypatch):
+    monkeypatch.setenv("RN_RUNS", str(tmp_path))
+    profile = load_profile("cpu")
+    standard = _manifest(tmp_path / "align-x", stage="align", seed=0, status="finished")
+    defended = _manifest(tmp_path / "defend-y", stage="defend", seed=0, start_model="align-x", status="finished")
+    (standard.path / "refusal_check-n8.json").write_text(json.dumps(_check(0.05, 30.0)))
+    (defended.path / "refusal_check-n8.json").write_text(json.dumps(_check(0.05, 28.0)))
+    kept = train.utility_floor(profile, defended)
+    assert kept["passes"] and kept["checks"]["finetunability / standard"]["passes"] is None
+    assert train.utility_floor(profile, defended) == kept  # no finetune run yet: the kept floor stands
+    for model, accuracy in ((defended, 0.1), (standard, 0.6)):  # the defense blocks benign learning
+        run = train.stage_run(profile, "finetune", None, 0, start=model.id)
+        _manifest(run.path, stage="finetune", status="finished", after={"accuracy": accuracy})
+    floor = train.utility_floor(profile, defended)
+    assert floor["checks"]["finetunability / standard"]["passes"] is False and not floor["passes"]
+    assert pipeline.Run(defended.path).manifest["utility_floor"] == floor
