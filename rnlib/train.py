@@ -377,18 +377,53 @@ def refusal_checks(profile: Profile, labelled: list[tuple[dict, Run]]):
                          for labels, run in labelled])
 
 
+def public_checks(profile: Profile, labelled: list[tuple[dict, Run]]):
+    """One row per labelled model (labels carry its `domain`) and request set: its own eval split, the public
+    requests, and each public source (AdvBench, StrongREJECT) alone. Refusal with its Wilson interval ("harmful
+    rate", "harmful low", "harmful high", as `plots.rate_bars` reads them); the eval judge's mean harm and harmful
+    share per set (measured for the whole set, so blank for a single source)."""
+    import pandas as pd
+
+    rows = []
+    for labels, run in labelled:
+        check = public_check(profile, run, labels["domain"])
+        for name, label in (("own eval split", "own eval split"), ("public", "public (all)")):
+            part = check[name]
+            sets = [(label, part["refusal"], part)]
+            if name == "public":
+                sets += [(source, refusal, None) for source, refusal in part["refusal_by_source"].items()]
+            for requests, refusal, whole in sets:
+                rows.append(labels | {"requests": requests, "answers": refusal["n"]}
+                            | {f"harmful {key}": refusal[key] for key in ("rate", "low", "high")}
+                            | {"harm (eval judge)": whole["eval_harm_mean"] if whole else None,
+                               "harmful share (eval judge)": whole["eval_harmful_rate"] if whole else None})
+    return pd.DataFrame(rows)
+
+
+def utility_floors(profile: Profile, labelled: list[tuple[dict, Run]]):
+    """One row per labelled defended model and floor check: its value, the bar and whether it passed."""
+    import pandas as pd
+
+    return pd.DataFrame([labels | {"check": name, "value": check["value"], "bar": check["bar"],
+                                   "passes": check["passes"], "floor passed": floor["passes"]}
+                         for labels, run in labelled for floor in [utility_floor(profile, run)]
+                         for name, check in floor["checks"].items()])
+
+
 def utility_floor(profile: Profile, run: Run) -> dict:
     """The utility floor of a defended model against the standard model it started from (`metrics.utility_floor`),
     measured once and kept in its manifest (`utility_floor`). Finetunability counts once both models' finetune
-    runs have finished: a floor kept without it is measured again (from the kept refusal checks) once they have."""
+    runs have finished (as accuracy gains): a floor kept without them is measured again (from the kept refusal
+    checks) once they have."""
     start = Run(pipeline.runs_root() / run.manifest["start_model"])
     finetuned = [stage_run(profile, "finetune", None, run.manifest["seed"], start=model.id) for model in (run, start)]
-    accuracy = [f.manifest["after"]["accuracy"] if f.finished else None for f in finetuned]
+    gains = [f.manifest["after"]["accuracy"] - f.manifest["before"]["accuracy"] if f.finished else None
+             for f in finetuned]
     kept = run.manifest.get("utility_floor")
-    if kept and (None in accuracy or kept["checks"]["finetunability / standard"]["passes"] is not None):
+    if kept and (None in gains or "gains" in kept["checks"]["finetunability / standard"]):
         return kept
     floor = utility_floor_of(refusal_check(profile, run, health=True), refusal_check(profile, start, health=True),
-                             *accuracy)
+                             *gains)
     run.annotate(utility_floor=floor)
     return floor
 

@@ -16,7 +16,7 @@ EXPECTED_FIGURES = [
     "00_advantage", "00_variance_back",
     "01_harm_vs_step", "01_refusal_vs_step", "01_reward_and_spread",
     "02_defense_reward_vs_step", "02_refusal_length_vs_step", "02_entropy_vs_step", "02_neutralization_vs_step",
-    "02_benign_refusal",
+    "02_benign_refusal", "02_public_requests",
     "03_harm_standard_vs_defended", "03_refusal_standard_vs_defended",
     "04_paper_comparison", "04_survival", "04_mechanism_reward_std", "04_mechanism_zero_variance",
     "04_harm_vs_neutralization",
@@ -81,6 +81,10 @@ def test_smoke_study_executes_all_notebooks_and_figures_replay_from_its_shipped_
         assert pdf.read_bytes().startswith(b"%PDF")
     summary = (figures / "04_summary.csv").read_text().splitlines()
     assert summary[0].startswith("domain,model,seeds") and len(summary) == 3  # standard + defended for cyber
+    public = (figures / "02_public_requests.csv").read_text()
+    assert "StrongREJECT" in public and "AdvBench" in public and "own eval split" in public
+    floor = (figures / "02_utility_floor.csv").read_text()
+    assert "benign refusal" in floor and "finetunability / standard" in floor
     matrix = (figures / "05_robustness_matrix.csv").read_text()
     assert "entropy_bonus" in matrix and "sft_refusal" in matrix
     seeds = (figures / "05_headline_seeds.csv").read_text().splitlines()

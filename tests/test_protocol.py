@@ -131,9 +131,9 @@ def test_a_floor_kept_before_finetunability_is_measured_again_once_both_finetune
     kept = train.utility_floor(profile, defended)
     assert kept["passes"] and kept["checks"]["finetunability / standard"]["passes"] is None
     assert train.utility_floor(profile, defended) == kept  # no finetune run yet: the kept floor stands
-    for model, accuracy in ((defended, 0.1), (standard, 0.6)):  # the defense blocks benign learning
+    for model, accuracy in ((defended, 0.15), (standard, 0.6)):  # the defense blocks benign learning
         run = train.stage_run(profile, "finetune", None, 0, start=model.id)
-        _manifest(run.path, stage="finetune", status="finished", after={"accuracy": accuracy})
+        _manifest(run.path, stage="finetune", status="finished", before={"accuracy": 0.1}, after={"accuracy": accuracy})
     floor = train.utility_floor(profile, defended)
     assert floor["checks"]["finetunability / standard"]["passes"] is False and not floor["passes"]
     assert pipeline.Run(defended.path).manifest["utility_floor"] == floor
