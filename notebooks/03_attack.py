@@ -12,8 +12,9 @@
 # # 03 — The same attack on the standard and the defended model
 #
 # A fair comparison changes one thing only: which model is attacked. Same attacker prompts, same reward
-# (the reward judge), same GRPO settings, same seeds and step budget. The paper attacks for 200 steps; the
-# `cpu` profile uses a smaller budget (see the parameters printed below).
+# (the reward judge), same GRPO settings, same seeds and step budget. The paper attacks for 200 steps, and so do
+# the `cpu` and `paper` profiles, but an attack stops once it has un-aligned its model (confirmed at two
+# consecutive evaluations): the curves below end where the attacker had already won.
 #
 # Harm is reported by the **eval judge**, not by the reward judge the attacker maximises (notebook 06 checks the
 # eval judge against human labels). Where the two disagree, the difference is the **reward-hacking gap**:

@@ -88,7 +88,7 @@ def test_smoke_study_executes_all_notebooks_and_figures_replay_from_its_shipped_
     matrix = (figures / "05_robustness_matrix.csv").read_text()
     assert "entropy_bonus" in matrix and "sft_refusal" in matrix
     seeds = (figures / "05_headline_seeds.csv").read_text().splitlines()
-    assert seeds[0] == "domain,target,metric,n,mean,low,high" and all(",2," in row for row in seeds[1:])
+    assert seeds[0] == "domain,target,quantity,seeds,value,low,high,interval" and all(",2," in row for row in seeds[1:])
     executed = tmp_path / "papermill_runs" / "smoke"
     robustness_outputs = json.dumps([c.get("outputs", []) for c in
                                      nbformat.read(executed / "05_robustness.ipynb", as_version=4).cells])
