@@ -193,7 +193,7 @@ def test_planned_runs_name_the_cached_runs_without_training(aligned, defended, a
     done, missing = robustness.finished(cells)
     assert len(cells) == len(profile.robustness.attacks) * len(profile.robustness.targets)
     assert [labels for labels, run in done if run.path == attacked.path] == \
-        [{"attack": "paper", "target": "defended", "domain": "cyber"}]
+        [{"attack": "paper", "target": "defended", "domain": "cyber", "seed": 0}]
     assert all(not (pipeline.runs_root() / m["run_id"]).exists() for m in missing)  # nothing created for them
     # finetunability: the standard model is shared by every domain, so it is one cell, not one per domain
     utility = [labels for labels, _ in robustness.utility(profile, ["biochem", "cyber"], 0, train_missing=False)]
@@ -241,7 +241,8 @@ def test_cli_reuses_the_cached_run_and_fails_cleanly(attacked, runs_root):
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == ["rnlib: unknown config key 'attack.max_step'; allowed: max_steps, "
                                                "learning_rate, num_generations, prompts_per_step, beta, loss_type, "
-                                               "scale_rewards, eval_every, save_every"]
+                                               "scale_rewards, eval_every, save_every, stop_when_unaligned, "
+                                               "algorithm"]
     unknown = subprocess.run([sys.executable, "-m", "rnlib", "run", "align", "--profile", "smoke", "--model", "gpt5"],
                              capture_output=True, text=True, env=env)
     assert unknown.returncode == 2 and "unknown model 'gpt5'" in unknown.stderr
