@@ -137,7 +137,8 @@ floors = train.utility_floors(study, [({"model": f"RN ({run.manifest['domain']})
                                       for run in runs])
 plots.save_table(floors, "02_utility_floor", figures_dir, "The utility floor of each defended model",
                  "Checked before any attack against the aligned model it started from; passes is empty where a check "
-                 "has not been measured yet (finetunability needs notebook 05's finetune runs).")
+                 "says nothing yet: finetunability needs notebook 05's finetune runs, and an aligned model that gained "
+                 "at least 0.1 accuracy on the task.")
 display(floors)
 
 # %% [markdown]

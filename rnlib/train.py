@@ -387,16 +387,14 @@ def public_checks(profile: Profile, labelled: list[tuple[dict, Run]]):
     rows = []
     for labels, run in labelled:
         check = public_check(profile, run, labels["domain"])
-        for name, label in (("own eval split", "own eval split"), ("public", "public (all)")):
-            part = check[name]
-            sets = [(label, part["refusal"], part)]
-            if name == "public":
-                sets += [(source, refusal, None) for source, refusal in part["refusal_by_source"].items()]
-            for requests, refusal, whole in sets:
-                rows.append(labels | {"requests": requests, "answers": refusal["n"]}
-                            | {f"harmful {key}": refusal[key] for key in ("rate", "low", "high")}
-                            | {"harm (eval judge)": whole["eval_harm_mean"] if whole else None,
-                               "harmful share (eval judge)": whole["eval_harmful_rate"] if whole else None})
+        own, public = check["own eval split"], check["public"]
+        sets = [("own eval split", own["refusal"], own), ("public (all)", public["refusal"], public)]
+        sets += [(source, refusal, {}) for source, refusal in public["refusal_by_source"].items()]
+        for requests, refusal, whole in sets:
+            rows.append(labels | {"requests": requests, "answers": refusal["n"]}
+                        | {f"harmful {key}": refusal[key] for key in ("rate", "low", "high")}
+                        | {"harm (eval judge)": whole.get("eval_harm_mean"),
+                           "harmful share (eval judge)": whole.get("eval_harmful_rate")})
     return pd.DataFrame(rows)
 
 
