@@ -29,14 +29,18 @@ setup: $(VENV)/.installed
 figures: setup
 	$(BIN)/python -m rnlib.notebooks --profile $(PROFILE) --from-logs
 
-# The study itself: prints the plan, trains what is missing (cached in runs/), executes notebooks 01-05 (05 reports
-# the robustness runs that have finished) and ships the finished runs' logs to results/<profile>/.
+# The study itself: trains the paper comparison's cells (the matrix, cached in runs/; SHARD=i/n trains every n-th
+# cell, so n machines can share it), then prints the plan, executes notebooks 01-05 (05 reports the robustness runs
+# that have finished) and ships the finished runs' logs to results/<profile>/.
+SHARD ?= 0/1
 study: setup
+	$(BIN)/python -m rnlib matrix --profile $(PROFILE) --scope paper --shard $(SHARD) $(if $(DOMAINS),--domains $(DOMAINS))
 	$(BIN)/python -m rnlib.notebooks --profile $(PROFILE) $(if $(DOMAINS),--domains $(DOMAINS))
 
-# Beyond the paper: notebook 05 trains every missing robustness run (baselines x attacks, transfer, seeds); hours.
+# Beyond the paper: every cell of notebook 05 too (baselines x attacks, transfer, seeds; hours), then notebook 05.
 robustness: setup
-	$(BIN)/python -m rnlib.notebooks --profile $(PROFILE) --only 05 --train-robustness $(if $(DOMAINS),--domains $(DOMAINS))
+	$(BIN)/python -m rnlib matrix --profile $(PROFILE) --scope all --shard $(SHARD) $(if $(DOMAINS),--domains $(DOMAINS))
+	$(BIN)/python -m rnlib.notebooks --profile $(PROFILE) --only 05 $(if $(DOMAINS),--domains $(DOMAINS))
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

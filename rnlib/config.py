@@ -80,6 +80,14 @@ class EvalSettings:
 
 
 @dataclass(frozen=True)
+class CheckSettings:
+    """The checks measured once a model is trained (refusal, public requests, utility floor). They only read a
+    model, so they sit outside every run's hash; their files name the answers per prompt they drew."""
+
+    samples_per_prompt: int = 8  # 24 benign eval prompts give 192 answers, not 24: a rate with a usable interval
+
+
+@dataclass(frozen=True)
 class AlignSettings:
     """Stand-in for vendor safety alignment (SFT); skipped for models that already refuse."""
 
@@ -180,6 +188,7 @@ class Profile:
     quantize_4bit: bool = False
     bf16: bool = False
     use_vllm: bool = False  # GPU only: TRL's vLLM generation (colocate) for the GRPO stages
+    vllm_server: str | None = None  # with use_vllm: URL of a running `trl vllm-serve` (server mode, docs/cluster.md)
     domains: tuple[str, ...] = DOMAINS
     seeds: tuple[int, ...] = (0,)
     store_full_completions: bool = False
@@ -188,6 +197,7 @@ class Profile:
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     judge: JudgeRoles = field(default_factory=JudgeRoles)
     eval: EvalSettings = field(default_factory=EvalSettings)
+    checks: CheckSettings = field(default_factory=CheckSettings)
     align: AlignSettings = field(default_factory=AlignSettings)
     defend: DefendSettings = field(default_factory=DefendSettings)
     attack: AttackSettings = field(default_factory=AttackSettings)

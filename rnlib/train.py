@@ -23,7 +23,7 @@ from datasets import Dataset
 from transformers import TrainerCallback
 
 from rnlib import data, models, pipeline
-from rnlib.config import Profile
+from rnlib.config import ConfigError, Profile
 from rnlib.judges import is_refusal, make_judge
 from rnlib.metrics import CONFIRMATIONS, benign_health_problem, evaluate, steps_to_unalignment
 from rnlib.metrics import rate_with_interval, refusal_check as evaluate_refusals
@@ -124,8 +124,9 @@ class StudyCallback(TrainerCallback):
                          f"{judged}, refusal {summary['refusal_rate']:.0%}")
 
     def evaluate_and_check(self, model, step: int) -> str | None:
-        """Evaluate; return the stop rule's reason to stop, if any."""
+        """Evaluate; return the stop rule's reason to stop, if any (every process reads the same log)."""
         self.evaluate(model, step)
+        pipeline.wait_for_main()
         reason = self.stop_rule(self.run.evals()) if self.stop_rule else None
         if reason:
             self.run.append("stop.jsonl", [{"step": step, "reason": reason}])
@@ -133,7 +134,7 @@ class StudyCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.train_started, self.first_step = time.perf_counter(), state.global_step
-        if not any(e["step"] == state.global_step for e in self.run.evals()):
+        if pipeline.agree(not any(e["step"] == state.global_step for e in self.run.evals())):
             self.evaluate(model, state.global_step)
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -165,15 +166,18 @@ def _minutes(seconds: float) -> str:
 def _reused(run: Run, profile: Profile) -> bool:
     """True for a finished run (reused, and said so). Otherwise check, before its directory exists, that it may
     train here (not while notebooks replay shipped logs), that this machine can load the model as asked and that
-    the judge answers, so a stage that cannot start leaves nothing behind."""
-    if run.finished:
-        pipeline.say(f"reused {run.id}")
-        return True
-    pipeline.require_training(run)
-    models.check_device(profile.quantize_4bit, profile.use_vllm)
-    cached_judge(profile.judge.reward), cached_judge(profile.judge.eval)
-    pipeline.say(f"training {run.id}")
-    return False
+    the judge answers, so a stage that cannot start leaves nothing behind; then claim the run (`pipeline.claim`)."""
+    if not pipeline.agree(run.finished):
+        pipeline.require_training(run)
+        models.check_device(profile.quantize_4bit, profile.use_vllm, profile.vllm_server)
+        cached_judge(profile.judge.reward), cached_judge(profile.judge.eval)
+        pipeline.claim(run)
+        if not pipeline.agree(run.finished):  # else another job trained it while this one waited for the lock
+            pipeline.say(f"training {run.id}")
+            return False
+        pipeline.release(run)
+    pipeline.say(f"reused {run.id}")
+    return True
 
 
 def _make_eval(run: Run, profile: Profile, tokenizer, harmful: list[dict], benign: list[dict], seed: int,
@@ -225,17 +229,36 @@ def _resume_point(run: Run) -> str | None:
 
 
 def merge_and_save(base_dir: str, adapter_dir, out_dir, bf16: bool) -> str:
-    """Fold a LoRA adapter into its (unquantized) base and save safetensors; the next stage starts from it."""
+    """Fold a LoRA adapter into its (unquantized) base and save safetensors; the next stage starts from it.
+    Under `accelerate launch` the main process writes it while the others wait."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16 if bf16 else torch.float32)
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    return str(models.save_checkpoint(merged, models.load_tokenizer(base_dir), out_dir))
+    if pipeline.is_main_process():
+        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16 if bf16 else torch.float32)
+        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+        models.save_checkpoint(merged, models.load_tokenizer(base_dir), out_dir)
+    pipeline.wait_for_main()
+    return str(out_dir)
 
 
-def _clean_checkpoints(run: Run) -> None:
-    shutil.rmtree(run.path / "checkpoints", ignore_errors=True)
+def _save_adapter(trainer, directory) -> None:
+    if pipeline.is_main_process():
+        trainer.model.save_pretrained(directory)
+
+
+def _clean_checkpoints(run: Run, *others: str) -> None:
+    if pipeline.is_main_process():
+        for name in ("checkpoints", *others):
+            shutil.rmtree(run.path / name, ignore_errors=True)
+
+
+def per_process(batch: int) -> int:
+    """A step's batch split over the processes of `accelerate launch`: N processes train the batch one would."""
+    if batch % pipeline.world_size():
+        raise ConfigError(f"a batch of {batch} does not split over {pipeline.world_size()} processes; "
+                          f"launch a number of processes that divides {batch}")
+    return batch // pipeline.world_size()
 
 
 # --- supervised stages (align, and the sft_refusal baseline) ------------------------------------------------
@@ -249,7 +272,7 @@ def _answers_to(model, tokenizer, rows: list[dict], profile: Profile, seed: int,
 def _benign_answers(run: Run, model, tokenizer, rows: list[dict], profile: Profile, seed: int,
                     max_new_tokens: int) -> list[dict]:
     """The model's own answers to benign prompts, refusals dropped: they keep a fine-tuned model useful."""
-    cached = pipeline.read_jsonl(run.path / "benign_answers.jsonl")
+    cached = pipeline.agree(pipeline.read_jsonl(run.path / "benign_answers.jsonl") if pipeline.is_main_process() else None)
     if not cached:
         cached = [a for a in _answers_to(model, tokenizer, rows, profile, seed, max_new_tokens)
                   if not is_refusal(a["answer"])]
@@ -301,13 +324,13 @@ def align(profile: Profile, seed: int = 0) -> Run:
     examples += _sft_examples((c["prompt"], c["answer"]) for c in benign) * settings.benign_repeats
     trainer = _sft_trainer(profile, model, tokenizer, examples, str(run.path / "checkpoints"), seed,
                            [StudyCallback(run, run_eval, eval_every=10**9)], num_train_epochs=settings.epochs,
-                           learning_rate=settings.learning_rate, per_device_train_batch_size=settings.batch_size,
+                           learning_rate=settings.learning_rate, per_device_train_batch_size=per_process(settings.batch_size),
                            max_length=settings.max_length, save_strategy="epoch", lr_scheduler_type="cosine",
                            warmup_steps=0.05)
     trainer.train(resume_from_checkpoint=checkpoint)
     after = run.evals()[-1] if run.evals()[-1]["step"] == trainer.state.global_step else \
         run_eval(trainer.model, trainer.state.global_step)
-    trainer.model.save_pretrained(run.path / "adapter")
+    _save_adapter(trainer, run.path / "adapter")
     model_dir = merge_and_save(base_dir, run.path / "adapter", run.path / "model", profile.bf16)
     _clean_checkpoints(run)
     run.finish(model_dir=model_dir, skipped=False, before=before, after=after,
@@ -315,16 +338,15 @@ def align(profile: Profile, seed: int = 0) -> Run:
     return run
 
 
-CHECK_SAMPLES = 8  # answers per prompt in a refusal check: 24 benign prompts give 192 answers, not 24
-
-
-def refusal_check(profile: Profile, run: Run, samples: int = CHECK_SAMPLES, health: bool = False) -> dict:
-    """Refusal rates of a finished run's model on its eval prompts, `samples` answers each, with 95% intervals,
+def refusal_check(profile: Profile, run: Run, samples: int | None = None, health: bool = False) -> dict:
+    """Refusal rates of a finished run's model on its eval prompts, `samples` answers each (default: the profile's
+    `checks.samples_per_prompt`), with 95% intervals,
     and the length, variety and fluency of its benign answers (`benign_health`).
 
     Measured once and kept in the run directory, so the bar below and notebook 05's over-refusal never re-sample;
     `health` re-samples a check kept before it carried `benign_health`.
     """
+    samples = samples or profile.checks.samples_per_prompt
     file = run.path / f"refusal_check-n{samples}.json"
     if file.is_file() and not (health and "benign_health" not in json.loads(file.read_text())):
         return json.loads(file.read_text())
@@ -339,12 +361,13 @@ def refusal_check(profile: Profile, run: Run, samples: int = CHECK_SAMPLES, heal
     return check
 
 
-def public_check(profile: Profile, run: Run, domain: str, samples: int = CHECK_SAMPLES) -> dict:
+def public_check(profile: Profile, run: Run, domain: str, samples: int | None = None) -> dict:
     """Refusal and harm (eval judge) of a trained model on public benchmark requests of `domain` (`data.public_eval`)
     beside its own eval split of that domain, `samples` answers per prompt, same sampling for both.
 
     A gap between the two says the alignment (or the defense) fits the style of the study's own prompts. Kept in the
     run directory as rates and means only, never answers."""
+    samples = samples or profile.checks.samples_per_prompt
     file = run.path / f"public_check-{domain}-n{samples}.json"
     if file.is_file():
         return json.loads(file.read_text())
@@ -706,11 +729,11 @@ def grpo_trainer(profile: Profile, settings, model_dir: str, dataset: list[dict]
     rloo = getattr(settings, "algorithm", "grpo") == "rloo"
     fields = dict(
         output_dir=output_dir, max_steps=settings.max_steps, learning_rate=settings.learning_rate,
-        per_device_train_batch_size=settings.num_generations * settings.prompts_per_step,
+        per_device_train_batch_size=per_process(settings.num_generations * settings.prompts_per_step),
         num_generations=settings.num_generations, max_completion_length=gen.max_new_tokens,
         temperature=gen.temperature, top_p=gen.top_p, beta=settings.beta, logging_steps=1,
         save_steps=settings.save_every, report_to="none", seed=seed, bf16=profile.bf16,
-        gradient_checkpointing=_cuda(), use_cpu=not _cuda(), **models.vllm_generation(profile.use_vllm))
+        gradient_checkpointing=_cuda(), use_cpu=not _cuda(), **models.vllm_generation(profile.use_vllm, profile.vllm_server))
     if not rloo:  # RLOO's baseline is the other samples' mean reward: no loss variants, no reward scaling
         fields |= dict(loss_type=settings.loss_type, scale_rewards=settings.scale_rewards)
     args = (RLOOConfig if rloo else GRPOConfig)(**fields | overrides)
@@ -732,7 +755,7 @@ def _grpo(run: Run, profile: Profile, settings, model_dir: str, dataset: list[di
     for reader in policy_readers:
         reader.model = trainer.model
     trainer.train(resume_from_checkpoint=checkpoint)
-    trainer.model.save_pretrained(run.path / "adapter")
+    _save_adapter(trainer, run.path / "adapter")
     return trainer
 
 
@@ -801,9 +824,10 @@ def _finish_defense(run: Run, profile: Profile, start: Run, trainer, reason: str
     _clean_checkpoints(run)
     run.finish(model_dir=model_dir, stop_reason=reason, steps_trained=trainer.state.global_step,
                before=run.evals()[0], after=run.evals()[-1])
-    floor = utility_floor(profile, run)
-    failed = [name for name, check in floor["checks"].items() if check["passes"] is False]
-    pipeline.say(f"{run.id} utility floor: " + (f"failed ({', '.join(failed)})" if failed else "passed"))
+    if pipeline.is_main_process():  # a measurement of the finished model: one process samples it
+        floor = utility_floor(profile, run)
+        failed = [name for name, check in floor["checks"].items() if check["passes"] is False]
+        pipeline.say(f"{run.id} utility floor: " + (f"failed ({', '.join(failed)})" if failed else "passed"))
     return run
 
 
@@ -865,10 +889,10 @@ def sft_refusal(profile: Profile, domain: str, seed: int = 0, start: Run | None 
     trainer = _sft_trainer(profile, model, tokenizer, examples, str(run.path / "checkpoints"), seed,
                            [StudyCallback(run, run_eval, settings.eval_every)], max_steps=settings.max_steps,
                            learning_rate=profile.baselines.sft_learning_rate, save_steps=settings.save_every,
-                           per_device_train_batch_size=settings.num_generations * settings.prompts_per_step,
+                           per_device_train_batch_size=per_process(settings.num_generations * settings.prompts_per_step),
                            max_length=2 * profile.generation.max_new_tokens + 64)
     trainer.train(resume_from_checkpoint=checkpoint)
-    trainer.model.save_pretrained(run.path / "adapter")
+    _save_adapter(trainer, run.path / "adapter")
     return _finish_defense(run, profile, start, trainer, f"max_steps ({settings.max_steps}, RN's step budget)")
 
 
@@ -917,7 +941,7 @@ def _warm_start(run: Run, profile: Profile, start: Run, harmful: list[dict], see
     count, never their text.
     """
     target = run.path / "warm_start"
-    if (target / "config.json").is_file():
+    if pipeline.agree((target / "config.json").is_file()):
         return str(target)
     base, base_tokenizer = models.load_model(profile.model, profile.quantize_4bit, profile.bf16)
     answers = [a for a in _answers_to(base, base_tokenizer, harmful, profile, seed, profile.generation.max_new_tokens)
@@ -929,12 +953,13 @@ def _warm_start(run: Run, profile: Profile, start: Run, harmful: list[dict], see
     trainer = _sft_trainer(profile, model, tokenizer, _sft_examples((a["prompt"], a["answer"]) for a in answers),
                            str(run.path / "warm_start_checkpoints"), seed, max_steps=profile.adaptive.warm_start_steps,
                            learning_rate=profile.attack.learning_rate, save_strategy="no",
-                           per_device_train_batch_size=profile.attack.num_generations * profile.attack.prompts_per_step,
+                           per_device_train_batch_size=per_process(profile.attack.num_generations
+                                                                   * profile.attack.prompts_per_step),
                            max_length=2 * profile.generation.max_new_tokens + 64)
     trainer.train()
-    trainer.model.save_pretrained(run.path / "warm_start_adapter")
+    _save_adapter(trainer, run.path / "warm_start_adapter")
     merge_and_save(start.model_dir, run.path / "warm_start_adapter", target, profile.bf16)
-    shutil.rmtree(run.path / "warm_start_checkpoints", ignore_errors=True)
+    _clean_checkpoints(run, "warm_start_checkpoints")
     run.append("warm_start.jsonl", [{"step": 0, "compliant_answers": len(answers),
                                      "sft_steps": trainer.state.global_step}])
     return str(target)
@@ -971,9 +996,7 @@ def attack(profile: Profile, domain: str, seed: int = 0, start: Run | None = Non
                     lambda tok: _make_eval(run, profile, tok, harmful_eval, benign_eval, seed,
                                            start.model_dir if model_dir == start.model_dir else None), seed,
                     unalignment_stop if settings.stop_when_unaligned else None, policy_readers=readers, **overrides)
-    _clean_checkpoints(run)
-    shutil.rmtree(run.path / "warm_start", ignore_errors=True)
-    shutil.rmtree(run.path / "warm_start_adapter", ignore_errors=True)
+    _clean_checkpoints(run, "warm_start", "warm_start_adapter")
     stops = pipeline.read_jsonl(run.path / "stop.jsonl")
     evals = run.evals()
     step, observed = steps_to_unalignment(evals)

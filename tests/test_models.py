@@ -85,6 +85,30 @@ def test_vllm_generation_is_opt_in_and_needs_a_gpu_and_vllm(monkeypatch):
         models.vllm_generation(True)
     monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: object())
     assert models.vllm_generation(True)["vllm_mode"] == "colocate"
+    with pytest.raises(models.ModelError, match="trl vllm-serve --model"):  # server mode: nobody listens there
+        models.vllm_generation(True, "http://127.0.0.1:9")
+
+
+def test_vllm_server_mode_points_trl_at_a_server_that_answers(monkeypatch):
+    import http.server
+    import threading
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if self.path == "/health" else 404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: object())
+    url = f"http://127.0.0.1:{server.server_port}/"
+    assert models.vllm_generation(True, url) == {"use_vllm": True, "vllm_mode": "server",
+                                                  "vllm_server_base_url": url.rstrip("/")}
+    server.shutdown()
 
 
 def test_lora_config_comes_from_the_profile():

@@ -8,7 +8,7 @@ import pytest
 
 from rnlib import notebooks, pipeline, plan, train
 from rnlib.__main__ import main
-from rnlib.config import load_profile
+from rnlib.config import ConfigError, load_profile
 from rnlib.models import ModelError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,7 +34,8 @@ def _finished_run(root: Path, run_id: str, profile_name: str, minutes: float) ->
     run.path.mkdir(parents=True)
     stage = run_id.split("-")[0]
     pipeline.write_json_atomic(run.path / "manifest.json", {
-        "status": "finished", "stage": stage, "profile": {"name": profile_name}, "attempts": 1,
+        "status": "finished", "stage": stage, "profile": {"name": profile_name, "model": "smollm2-135m"},
+        "attempts": 1,
         "started": "2026-01-01T10:00:00", "ended": f"2026-01-01T10:{int(minutes):02d}:00"})
     for name in ("steps.jsonl", "evals.jsonl", "completions.jsonl", "refusal_check-n8.json", "benign_answers.jsonl"):
         (run.path / name).write_text("{}\n")
@@ -174,3 +175,24 @@ def test_judged_evals_take_the_eval_judge_from_the_rows_or_from_a_rescore(tmp_pa
                                 "eval_harm_std": 0.0, "eval_harmful_rate": 0.1, "hacking_gap": 0.5}])
     assert run.judged_evals(judge)[-1]["eval_harm_mean"] == 1.5  # logged at evaluation time
     assert "eval_harm_mean" not in run.judged_evals("minilm@another")[-1]  # another judge's score is not this one's
+
+
+def test_plan_estimates_gpu_memory_and_hours_for_the_paper_profile_without_a_gpu(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("RN_RUNS", str(tmp_path))
+    assert main(["plan", "--profile", "paper", "--model", "llama3-8b", "--gpu", "h100-80gb"]) == 0
+    out = capsys.readouterr().out
+    assert "to train: align-all-llama3-8b-s0-" in out and "GPU estimate: llama3-8b on one H100 80GB" in out
+    estimate = plan.stage_estimate(load_profile("paper", {"model": "llama3-8b"}), "attack", plan.GPUS["h100-80gb"])
+    assert 4.5 < estimate["weights"] < 6.5  # 7.0B block weights at ~4.1 bits + 1.05B bf16 embeddings and LM head
+    assert 0.3 < estimate["LoRA + Adam"] < 1.0  # r=16 on every linear layer: 42M parameters at 16 bytes
+    assert estimate["eval judge"] > 20 and estimate["total"] < 80 and estimate["steps"] == 200
+    assert "GPU-hours at most" in out and not list(tmp_path.iterdir())
+    local = tmp_path / "local-model"
+    local.mkdir()
+    (local / "config.json").write_text(json.dumps({"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128,
+                                                   "num_attention_heads": 4, "vocab_size": 1000}))
+    from rnlib.models import architecture
+
+    assert architecture(str(local)).block_params == 2 * (4 * 64 * 64 + 3 * 64 * 128)
+    with pytest.raises(ConfigError, match="a100-80gb"):
+        plan.gpu_lines(load_profile("paper"), [], "tpu")

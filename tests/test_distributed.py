@@ -1,0 +1,109 @@
+"""Several processes under `accelerate launch` (data parallel; gloo on CPUs, as NCCL on GPUs): one run directory,
+one manifest, every log row written once, resume after a kill, and the numbers of one process on the same batch."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from rnlib import pipeline, train
+from rnlib.config import load_profile
+
+ACCELERATE = str(Path(sys.executable).parent / "accelerate")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _launch(root: Path, *args: str) -> subprocess.Popen:
+    """`accelerate launch` of the study's CLI in 2 processes (--multi_gpu picks gloo where there is no GPU)."""
+    command = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+               "-m", "rnlib", "run", *args, "--profile", "smoke"]
+    return subprocess.Popen(command, env=os.environ | {"RN_RUNS": str(root), "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+@pytest.fixture(scope="module")
+def two_process_root(aligned, tmp_path_factory):
+    """A runs/ of its own (else the one-process runs would be reused), holding the session's aligned model."""
+    root = tmp_path_factory.mktemp("two_processes")
+    (root / aligned.id).symlink_to(aligned.path)
+    return root
+
+
+def _failure(err: str) -> str:
+    """The main process's traceback of a failed launch (the others fail at their next barrier)."""
+    lines = [line for line in err.splitlines() if line.startswith("[rank0]")] or err.splitlines()
+    return "\n".join(lines[-40:])
+
+
+def _logged_once(run: pipeline.Run, steps: int) -> None:
+    assert run.finished and len(list(run.path.parent.glob(f"{run.id}*"))) == 1
+    assert [s["step"] for s in run.steps()] == list(range(1, steps + 1))
+    evaluated = [e["step"] for e in run.evals()]
+    assert evaluated == sorted(set(evaluated)) and evaluated[0] == 0
+    answers = [c for c in run.completions() if c["step"] == 0]
+    assert len(answers) == len({(c["prompt_id"], c["kind"], c.get("sample")) for c in answers})
+
+
+def test_two_processes_train_one_run_and_log_it_once_with_one_process_numbers(two_process_root, aligned, profile):
+    alone = train.attack(profile, "cyber", start=aligned)
+    launched = _launch(two_process_root, "attack", "--domain", "cyber")
+    out, err = launched.communicate(timeout=900)
+    assert launched.returncode == 0, _failure(err)
+    assert out.count('"run":') == 1  # one answer, from the main process
+    run = pipeline.Run(two_process_root / alone.id)  # same settings, same global batch: the same run id
+    _logged_once(run, profile.attack.max_steps)
+    assert run.manifest["attempts"] == 1 and run.manifest["status"] == "finished"
+    # Before any update, the main process samples the evaluation exactly as one process does.
+    for key in ("harm_mean", "eval_harm_mean", "refusal_rate"):
+        assert run.evals()[0][key] == pytest.approx(alone.evals()[0][key], abs=1e-6)
+    assert [e["harm_mean"] for e in run.evals()] == pytest.approx([e["harm_mean"] for e in alone.evals()], abs=0.5)
+    # Training rewards come from other samples (each process draws its share of the groups): equal within noise,
+    # three standard errors of the difference of the two means.
+    answers = profile.attack.num_generations * profile.attack.prompts_per_step * profile.attack.max_steps
+    spread = max(s["reward_std"] for s in run.steps() + alone.steps())
+    mean_reward = [sum(s["reward"] for s in r.steps()) / len(r.steps()) for r in (run, alone)]
+    assert abs(mean_reward[0] - mean_reward[1]) <= 3 * spread * (2 / answers) ** 0.5
+
+
+def test_two_processes_resume_a_killed_run_from_its_checkpoint(two_process_root):
+    launched = _launch(two_process_root, "sft_refusal", "--domain", "cyber")
+    planned = train.stage_run(load_profile("smoke"), "sft_refusal", "cyber", 0,
+                              start=next(two_process_root.glob("align-*")).name)
+    run = pipeline.Run(two_process_root / planned.id)
+    deadline = time.time() + 600
+    while not (run.path / "checkpoints" / "checkpoint-2" / "trainer_state.json").is_file():
+        assert launched.poll() is None and time.time() < deadline, _failure(launched.communicate()[1])
+        time.sleep(0.2)
+    workers = psutil.Process(launched.pid).children(recursive=True)  # torchrun starts them in sessions of their own
+    for process in [psutil.Process(launched.pid), *workers]:  # mid-run, as a lost node would
+        process.send_signal(signal.SIGKILL)
+    psutil.wait_procs(workers, timeout=30)
+    launched.wait()
+    assert not run.finished
+    resumed = _launch(two_process_root, "sft_refusal", "--domain", "cyber")
+    out, err = resumed.communicate(timeout=900)
+    assert resumed.returncode == 0, _failure(err)
+    assert run.manifest["attempts"] == 2
+    _logged_once(run, load_profile("smoke").defend.max_steps)
+
+
+def test_a_step_batch_is_split_over_the_processes_or_refused(monkeypatch):
+    from rnlib.config import ConfigError
+
+    assert train.per_process(8) == 8
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert train.per_process(8) == 4
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ConfigError, match="divides 8"):
+        train.per_process(8)
