@@ -54,7 +54,10 @@ def _matrix(profile, spec: str, scope: str, domains: list[str] | None) -> int:
 
     cells = plan.cells(profile, domains, (plan.PAPER,) if scope == "paper" else (plan.PAPER, plan.BEYOND))
     mine = plan.shard(cells, spec)
+    roots = [pipeline.runs_root(), pipeline.shipped_root(profile.name)]
     with contextlib.redirect_stdout(sys.stderr):
+        for line in plan.describe(profile, plan.requested(profile, domains), roots[0], roots):
+            pipeline.say(line)
         for number, cell in enumerate(mine, 1):
             print(f"[rnlib] shard {spec}: cell {number}/{len(mine)} {cell.id}", flush=True)
             cell.make()
