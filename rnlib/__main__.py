@@ -59,7 +59,7 @@ def _matrix(profile, spec: str, scope: str, domains: list[str] | None) -> int:
         for line in plan.describe(profile, plan.requested(profile, domains), roots[0], roots):
             pipeline.say(line)
         for number, cell in enumerate(mine, 1):
-            print(f"[rnlib] shard {spec}: cell {number}/{len(mine)} {cell.id}", flush=True)
+            pipeline.say(f"shard {spec}: cell {number}/{len(mine)} {cell.id}")
             cell.make()
     if pipeline.is_main_process():
         print(json.dumps({"shard": spec, "cells": len(cells), "ran": [cell.id for cell in mine]}, indent=2))

@@ -191,7 +191,8 @@ def vllm_generation(use_vllm: bool, server: str | None = None) -> dict:
     import urllib.request
 
     try:
-        urllib.request.urlopen(f"{server.rstrip('/')}/health", timeout=5)
+        with urllib.request.urlopen(f"{server.rstrip('/')}/health", timeout=5):
+            pass
     except OSError as err:
         raise ModelError(f"no vLLM server answers at {server} ({err.__class__.__name__}); start one with: "
                          "trl vllm-serve --model <the stage's start model> --port 8000 (docs/cluster.md), "
