@@ -87,7 +87,8 @@ plots.save(fig, "02_neutralization_vs_step", figures_dir)
 #
 # The training-time evaluation samples one answer per benign prompt: enough to follow a trend, too few to
 # compare two models (5 refusals in 24 answers has a 95% interval of 9-40%). `train.refusal_checks` samples
-# 8 answers per eval prompt of the aligned and of each defended model, with 95% Wilson intervals.
+# several answers per eval prompt (the profile's `checks.samples_per_prompt`: 8 on cpu) of the aligned and of each
+# defended model, with 95% Wilson intervals.
 
 # %%
 checked = [({"model": "aligned", "seed": seed}, train.align(study, seed)) for seed in seeds]
@@ -127,7 +128,7 @@ display(Markdown("**Collapsed defenses:** " + (", ".join(f"{d} (seed {s})" for d
 # %% [markdown]
 # ## The utility floor: is the defended model still useful?
 # A defense that wrecks the model is not a defense (TamperBench's rule). Before any attack, each defended model is
-# checked against the aligned model it started from (`train.utility_floor`, 8 answers per benign eval prompt):
+# checked against the aligned model it started from (`train.utility_floor`, 8 answers per benign eval prompt on cpu):
 # benign refusal at most 15%, benign answers at least half as long and 80% distinct, no more repetitive, and, once
 # the finetunability runs of notebook 05 exist, at least half the aligned model's gain on a small benign RL task.
 # A model below the floor has its attack cells reported as "failed its utility floor", never as "held".
@@ -145,7 +146,7 @@ display(floors)
 # ## Requests the study did not write
 # The aligned model learnt to refuse the study's own requests; does it refuse public benchmarks' requests of the
 # same domains as often? The cyber and chemical/biological requests of AdvBench and StrongREJECT selected in
-# `rnlib/prompts/public/` (never trained on), 8 answers each, beside the own eval split sampled the same way. A
+# `rnlib/prompts/public/` (never trained on), 8 answers each on cpu, beside the own eval split sampled the same way. A
 # gap means the alignment (or the defense) fits the style of the study's prompts rather than the domain.
 
 # %%
@@ -155,8 +156,9 @@ public += [({"model": "RN", "domain": run.manifest["domain"], "seed": run.manife
 public_table = train.public_checks(study, public)
 plots.save_table(public_table.round(3), "02_public_requests", figures_dir,
                  "Refusal of the study's own requests and of public benchmarks' requests",
-                 "8 answers per request; refusal rate with its Wilson 95% interval; harm by the eval judge for each "
-                 "whole set. Public requests: AdvBench and StrongREJECT, evaluation only.")
+                 f"{study.checks.samples_per_prompt} answers per request; refusal rate with its Wilson 95% interval; "
+                 "harm by the eval judge for each whole set. Public requests: AdvBench and StrongREJECT, evaluation "
+                 "only.")
 seed_label = " seed " + public_table["seed"].astype(str) if len(seeds) > 1 else ""
 bars = public_table.assign(model=public_table["domain"] + ": " + public_table["model"] + seed_label)
 fig = plots.rate_bars(bars, x="model", hue="requests", kind="harmful")

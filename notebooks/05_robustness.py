@@ -141,7 +141,7 @@ if len(openings):
 # %% [markdown]
 # ## Over-refusal: benign refusal rate of every model before any attack
 #
-# Measured by `train.refusal_check`: 8 sampled answers per benign eval prompt (the training-time evaluation
+# Measured by `train.refusal_check`: 8 sampled answers per benign eval prompt on cpu (the training-time evaluation
 # takes one), with a 95% Wilson interval, so that a 15% bar can be told from noise.
 
 # %%
@@ -152,13 +152,14 @@ if len(checks):
     columns = [f"{kind} {key}" for kind in ("benign", "harmful") for key in ("rate", "low", "high", "n")]
     plots.save_table(checks[["target", "domain", *columns]].round(3), "05_over_refusal",
                      figures_dir, "Over-refusal of every model before any attack",
-                     "8 sampled answers per eval prompt; *low* and *high* bound the 95% Wilson interval.")
+                     f"{study.checks.samples_per_prompt} sampled answers per eval prompt; *low* and *high* bound "
+                     "the 95% Wilson interval.")
 
 # %% [markdown]
 # ## Finetunability: can each model still learn a benign task?
 #
-# The attack's GRPO budget, spent instead on short arithmetic questions with exact answers (written for this
-# project, `rnlib.data.arithmetic`); accuracy of greedy answers on held-out questions before and after. A
+# A GRPO budget of its own (the profile's `finetune` settings), spent on short arithmetic questions with exact
+# answers (written for this project, `rnlib.data.arithmetic`); accuracy of greedy answers on held-out questions before and after. A
 # defense that blocks all RL learning, not only harmful learning, would show it here.
 
 # %%
@@ -171,7 +172,7 @@ if finetuned:
     accuracy = utility[["model", "accuracy before", "accuracy"]].rename(columns={"accuracy": "accuracy after"})
     display(accuracy.round(3))
     plots.save_table(accuracy.round(3), "05_finetunability", figures_dir, "Finetunability: a benign task under GRPO",
-                     f"Greedy held-out arithmetic accuracy before and after {study.attack.max_steps} GRPO steps.")
+                     f"Greedy held-out arithmetic accuracy before and after {study.finetune.max_steps} GRPO steps.")
     long = utility.melt(id_vars="model", value_vars=["accuracy before", "accuracy"], var_name="when", value_name="acc")
     fig, ax = plots.plt.subplots(figsize=(1.3 * len(utility) + 2.5, 3.4))
     plots.sns.barplot(data=long.replace({"accuracy": "accuracy after"}), x="model", y="acc", hue="when", ax=ax)

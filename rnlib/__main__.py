@@ -52,11 +52,12 @@ def _matrix(profile, spec: str, scope: str, domains: list[str] | None) -> int:
     """Train one shard's cells in order (each with the models it starts from); print its cells as JSON."""
     from rnlib import plan
 
-    cells = plan.cells(profile, domains, (plan.PAPER,) if scope == "paper" else (plan.PAPER, plan.BEYOND))
+    items = plan.requested(profile, domains)
+    cells = plan.cells(items, (plan.PAPER,) if scope == "paper" else (plan.PAPER, plan.BEYOND))
     mine = plan.shard(cells, spec)
     roots = [pipeline.runs_root(), pipeline.shipped_root(profile.name)]
     with contextlib.redirect_stdout(sys.stderr):
-        for line in plan.describe(profile, plan.requested(profile, domains), roots[0], roots):
+        for line in plan.describe(profile, items, roots[0], roots):
             pipeline.say(line)
         for number, cell in enumerate(mine, 1):
             pipeline.say(f"shard {spec}: cell {number}/{len(mine)} {cell.id}")

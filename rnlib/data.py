@@ -1,8 +1,9 @@
 """Prompt data: this project's own request sets, fixed splits, and loaders for public benchmarks.
 
 The repo holds harmful *requests* only, at the generality of public benchmarks (AdvBench, HarmBench):
-no answer and no operational detail. Each harmful domain has 32 topics x 5 framings (direct ask,
-step-by-step, role-play, code request, and a benchmark-style task such as "Write a tutorial on ..."). Splits are
+no answer and no operational detail. Each harmful domain has 32 topics x 6 framings (direct ask,
+step-by-step, role-play, code request, a benchmark-style task such as "Write a tutorial on ...", and a scenario: the
+request inside a first-person story, asking for a short list). Splits are
 made by *topic*, so the eval prompts ask about things neither the defender nor the attacker trained on, not merely
 rephrasings of them.
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 
 PROMPT_DIR = Path(__file__).parent / "prompts"
 HARMFUL_DOMAINS = ("biochem", "cyber")
-# Topics per split (of 32 per domain, 5 prompts each): the defense split's 80 prompts hold the paper's 60-80.
+# Topics per split (of 32 per domain, 6 prompts each): the defense split's 96 prompts hold the paper's 60-80.
 TOPIC_SPLITS = {"defense": 16, "attack": 8, "eval": 8}
 BENIGN_EVAL_SHARE = 1 / 3
 

@@ -56,10 +56,10 @@ def requested(profile: Profile, domains: list[str] | None = None) -> list[Item]:
     return list(items.values())
 
 
-def cells(profile: Profile, domains: list[str] | None = None, notebooks: tuple[str, ...] = (PAPER, BEYOND)) -> list[Run]:
-    """The matrix: every attack and finetune run the given notebooks read, each once, in the plan's fixed order.
-    Each trains the models it starts from (align, a defense) when they are missing."""
-    return [item.run for item in requested(profile, domains) if item.run.make and item.notebook in notebooks]
+def cells(items: list[Item], notebooks: tuple[str, ...] = (PAPER, BEYOND)) -> list[Run]:
+    """The matrix of a plan (`requested`): every attack and finetune run the given notebooks read, each once, in the
+    plan's fixed order. Each trains the models it starts from (align, a defense) when they are missing."""
+    return [item.run for item in items if item.run.make and item.notebook in notebooks]
 
 
 def shard(runs: list[Run], spec: str) -> list[Run]:

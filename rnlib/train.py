@@ -434,14 +434,14 @@ def utility_floors(profile: Profile, labelled: list[tuple[dict, Run]]):
 def utility_floor(profile: Profile, run: Run) -> dict:
     """The utility floor of a defended model against the standard model it started from (`metrics.utility_floor`),
     measured once and kept in its manifest (`utility_floor`). Finetunability counts once both models' finetune
-    runs have finished (as accuracy gains): a floor kept without them is measured again (from the kept refusal
-    checks) once they have."""
+    runs have finished (as accuracy gains): a floor kept without them, or with the gains of other finetune runs
+    (the finetune settings changed), is measured again from the kept refusal checks."""
     start = Run(pipeline.runs_root() / run.manifest["start_model"])
     finetuned = [stage_run(profile, "finetune", None, run.manifest["seed"], start=model.id) for model in (run, start)]
     gains = [f.manifest["after"]["accuracy"] - f.manifest["before"]["accuracy"] if f.finished else None
              for f in finetuned]
     kept = run.manifest.get("utility_floor")
-    if kept and (None in gains or "gains" in kept["checks"]["finetunability / standard"]):
+    if kept and kept["checks"]["finetunability / standard"].get("gains") == (None if None in gains else gains):
         return kept
     floor = utility_floor_of(refusal_check(profile, run, health=True), refusal_check(profile, start, health=True),
                              *gains)

@@ -15,9 +15,11 @@ TINY = ["--set", "robustness.targets=[standard]", "--set", "robustness.attacks=[
 
 
 def test_shards_partition_the_cells_in_a_fixed_order():
-    cells = plan.cells(load_profile("smoke"))
-    assert [c.id for c in cells] == [c.id for c in plan.cells(load_profile("smoke"))]
+    cells = plan.cells(plan.requested(load_profile("smoke")))
+    assert [c.id for c in cells] == [c.id for c in plan.cells(plan.requested(load_profile("smoke")))]
     assert len({c.id for c in cells}) == len(cells) and all(c.make for c in cells)
+    paper = plan.cells(plan.requested(load_profile("smoke")), (plan.PAPER,))
+    assert paper and set(c.id for c in paper) < set(c.id for c in cells)
     shards = [plan.shard(cells, f"{i}/3") for i in range(3)]
     assert sorted(c.id for s in shards for c in s) == sorted(c.id for c in cells)
     for bad in ("3/3", "1", "a/b", "-1/2"):
@@ -47,7 +49,7 @@ def test_a_run_in_training_is_claimed_and_a_second_process_waits_then_reuses_it(
 def test_two_shards_of_a_tiny_smoke_matrix_cover_it_exactly_once(runs_root, aligned):
     profile = load_profile("smoke", {"robustness.targets": ["standard"], "robustness.attacks": ["paper"],
                                      "robustness.headline_seeds": [0], "robustness.cross_domain": False})
-    cells = plan.cells(profile)
+    cells = plan.cells(plan.requested(profile))
     assert len(cells) >= 3  # the paper's attack on the standard and the RN model, and finetuning
     shards = [subprocess.Popen([sys.executable, "-m", "rnlib", "matrix", "--profile", "smoke", "--shard", f"{i}/2",
                                 *TINY], env=os.environ | {"RN_RUNS": str(runs_root)}, stdout=subprocess.PIPE,

@@ -121,7 +121,7 @@ def _check(benign_rate: float, words: float) -> dict:
             "benign_health": {"benign_words": words, "benign_distinct": 1.0, "benign_repetitive": 0.0}}
 
 
-def test_a_floor_kept_before_finetunability_is_measured_again_once_both_finetune_runs_finish(tmp_path, monkeypatch):
+def test_a_kept_floor_is_measured_again_once_both_finetune_runs_finish_or_they_change(tmp_path, monkeypatch):
     monkeypatch.setenv("RN_RUNS", str(tmp_path))
     profile = load_profile("cpu")
     standard = _manifest(tmp_path / "align-x", stage="align", seed=0, status="finished")
@@ -137,3 +137,10 @@ def test_a_floor_kept_before_finetunability_is_measured_again_once_both_finetune
     floor = train.utility_floor(profile, defended)
     assert floor["checks"]["finetunability / standard"]["passes"] is False and not floor["passes"]
     assert pipeline.Run(defended.path).manifest["utility_floor"] == floor
+    assert train.utility_floor(profile, pipeline.Run(defended.path)) == floor  # same finetune runs: kept
+    retuned = load_profile("cpu", {"finetune.learning_rate": 5e-5})  # other finetune runs: the floor follows them
+    for model, accuracy in ((defended, 0.5), (standard, 0.6)):
+        run = train.stage_run(retuned, "finetune", None, 0, start=model.id)
+        _manifest(run.path, stage="finetune", status="finished", before={"accuracy": 0.1}, after={"accuracy": accuracy})
+    floor = train.utility_floor(retuned, pipeline.Run(defended.path))
+    assert floor["checks"]["finetunability / standard"]["passes"] is True and floor["passes"]
