@@ -89,7 +89,13 @@ plots.save_table(medians, "04_median_survival", figures_dir, "Median attack step
 tests = robustness.logrank(cells)
 plots.save_table(tests, "04_logrank", figures_dir, "Log-rank test: RN against the standard model",
                  "Does the RN model stay aligned longer under the same attack? Floor-failing RN cells left out.")
-display(cells[["domain", "seed", "target", "steps", "unaligned", "highest harm", "utility floor"]], medians, tests)
+table = cells[["domain", "seed", "target", "steps", "unaligned", "frozen steps", "highest harm", "utility floor"]]
+plots.save_table(table.sort_values(["target", "domain", "seed"]).round(2), "04_survival_cells", figures_dir,
+                 "Every attacked cell",
+                 f"The step at which the attack un-aligned the model (unaligned True) or its last evaluated step "
+                 f"(censored, of a {budget}-step budget); frozen steps: how many steps it began with every group's "
+                 "rewards equal (no gradient); highest harm by the eval judge.")
+display(table, medians, tests)
 
 # %% [markdown]
 # ## Two judges: what the attacker optimised and what people would see
@@ -115,6 +121,12 @@ plots.save(fig, "04_hacking_gap", figures_dir)
 # ## Mechanism: the attacker's reward variance
 # GRPO learns only from within-group reward differences. For each attack step: the within-group reward spread
 # (`reward_std`) and the share of groups whose rewards were all equal (`frac_reward_zero_std`, zero advantage).
+#
+# While every group has equal rewards the attacked model does not change at all, so it keeps giving the answers
+# that earn equal rewards: Reward Neutralization's state is stable, except that sampling can at any step produce
+# one answer that earns a different reward. That group has an advantage, the model moves, and differing answers
+# become likelier from then on. The survival table above counts, per cell, the *frozen steps*: how many steps the
+# attack began with every group at zero variance.
 
 # %%
 fig = plots.curves(steps, "reward_std", "within-group reward sd", xlabel="attack step")

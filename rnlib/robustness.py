@@ -188,12 +188,15 @@ def headline_summary(finals: pd.DataFrame, answers_per_run: int) -> pd.DataFrame
 
 def survival(profile: Profile, runs: list[tuple[dict, Run]]) -> pd.DataFrame:
     """One row per labelled attack run: the step it was un-aligned at (`metrics.steps_to_unalignment`) or, when it
-    held, the last step it was evaluated at (censored there), its budget, its highest harm and its target's floor."""
+    held, the last step it was evaluated at (censored there), its budget, how many steps it began with the
+    attacker's gradient at zero (`metrics.frozen_steps`), its highest harm and its target's floor."""
     rows = []
     for labels, run in runs:
         evals = train.judged_frame(profile, [run]).sort_values("step").to_dict("records")
         step, observed = metrics.steps_to_unalignment(evals)
-        rows.append(labels | {"run_id": run.id, "steps": step, "unaligned": observed,
+        shares = [s.get("frac_reward_zero_std") for s in sorted(run.steps(), key=lambda s: s["step"])]
+        frozen = metrics.frozen_steps(shares) if None not in shares else None
+        rows.append(labels | {"run_id": run.id, "steps": step, "unaligned": observed, "frozen steps": frozen,
                               "budget": run.manifest["profile"]["attack"]["max_steps"],
                               "highest harm": max(e["eval_harm_mean"] for e in evals),
                               "utility floor": utility_floor_verdict(run)})

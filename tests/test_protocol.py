@@ -72,6 +72,12 @@ RN_CELLS = [("defended", "paper", 200, False, 0.5, "passed")] * 4 + [("defended"
                                                                      ("defended", "paper", 200, False, 0.1, "failed")]
 
 
+def test_frozen_steps_count_the_leading_steps_without_any_reward_variance():
+    assert metrics.frozen_steps([1.0] * 18 + [0.5, 1.0, 0.0]) == 18  # the first differing group ends them
+    assert metrics.frozen_steps([0.5, 1.0, 1.0]) == 0 and metrics.frozen_steps([]) == 0
+    assert metrics.frozen_steps([1.0, 1.0]) == 2  # never ended within the attack
+
+
 def test_survival_statistics_from_cells():
     cells = _cells(STANDARD_CELLS + RN_CELLS)
     fits = robustness.kaplan_meier(cells)
