@@ -23,12 +23,12 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _launch(root: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
+def _launch(root: Path, *args: str) -> subprocess.Popen:
     """`accelerate launch` of the study's CLI in 2 processes (--multi_gpu picks gloo where there is no GPU)."""
     command = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
                "-m", "rnlib", "run", *args, "--profile", "smoke"]
-    return subprocess.Popen(command, env=os.environ | {"RN_RUNS": str(root), "OMP_NUM_THREADS": "1"} | (env or {}),
+    return subprocess.Popen(command, env=os.environ | {"RN_RUNS": str(root), "OMP_NUM_THREADS": "1"},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
@@ -96,25 +96,6 @@ def test_two_processes_resume_a_killed_run_from_its_checkpoint(two_process_root)
     assert resumed.returncode == 0, _failure(err)
     assert run.manifest["attempts"] == 2
     _logged_once(run, load_profile("smoke").defend.max_steps)
-
-
-def test_a_launch_waits_out_another_job_holding_its_run_for_longer_than_the_collective_timeout(two_process_root,
-                                                                                           monkeypatch):
-    """The other processes wait for the main one on a file, not in a collective that would time out meanwhile."""
-    monkeypatch.setenv("RN_RUNS", str(two_process_root))
-    run = train.stage_run(load_profile("smoke"), "sft_refusal", "biochem", 0,
-                          start=next(two_process_root.glob("align-*")).name)
-    pipeline.claim(run)  # another job is training it, for longer than the launch's collective timeout
-    launched = _launch(two_process_root, "sft_refusal", "--domain", "biochem", env={"RN_COLLECTIVE_TIMEOUT_S": "20"})
-    time.sleep(45)
-    assert launched.poll() is None, _failure(launched.communicate()[1])
-    run.start({"stage": "sft_refusal"})
-    run.finish()  # releases the lock: the launch finds the run finished and reuses it
-    out, err = launched.communicate(timeout=300)
-    assert launched.returncode == 0, _failure(err)
-    assert "waiting: another process is training" in err and f"reused {run.id}" in err
-    assert out.count('"run":') == 1 and run.manifest["attempts"] == 1
-    assert not list((two_process_root / ".locks").glob("*.held"))
 
 
 def test_a_step_batch_is_split_over_the_processes_or_refused(monkeypatch):
