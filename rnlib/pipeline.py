@@ -8,6 +8,7 @@ anything else is an unfinished run, resumed from its last trainer checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import fcntl
 import hashlib
 import json
@@ -69,15 +70,29 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+COLLECTIVE_TIMEOUT_S = float(os.environ.get("RN_COLLECTIVE_TIMEOUT_S", 2 * 3600))
+
+
+def _process_group():
+    """Join the launch's process group (gloo on CPUs, NCCL on GPUs) before the trainer does, with a timeout that
+    outlasts the work the main process does alone while the others wait for it (evaluation and the refusal checks
+    with a 13B judge, merging an 8B model): torch's default is 10 min for NCCL. RN_COLLECTIVE_TIMEOUT_S sets it.
+    Without a GPU accelerate needs `cpu=True` to see the launch at all (else it reports no distribution and every
+    collective below does nothing), as transformers' TrainingArguments passes it."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available(), timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+
+
 def agree(value):
     """The main process's `value` in every process: a decision only it may make (is the run finished? what does its
     log say?), so that no process takes a branch the others do not. Alone, `value` itself."""
     if world_size() == 1:
         return value
-    from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
 
-    PartialState()  # joins the process group (gloo on CPUs, NCCL on GPUs) if the trainer has not yet
+    _process_group()
     box = [value]
     broadcast_object_list(box, from_process=0)
     return box[0]
@@ -86,9 +101,7 @@ def agree(value):
 def wait_for_main() -> None:
     """Hold every process here until all arrive, so files the main process wrote before it are complete."""
     if world_size() > 1:
-        from accelerate import PartialState
-
-        PartialState().wait_for_everyone()
+        _process_group().wait_for_everyone()
 
 
 def require_training(run: "Run", what: str | None = None) -> None:
@@ -239,29 +252,42 @@ class Run:
         wait_for_main()
 
 
-_CLAIMS: dict[str, object] = {}  # run id -> the open lock file this process holds while it trains that run
+_CLAIMS: dict[str, tuple] = {}  # run id -> (the open lock file, the held file) while this process trains it
 
 
 def claim(run: Run) -> None:
     """Hold an exclusive lock on a run while this process trains it. Two processes that need the same run (two
     shards of the matrix needing one defended model, two terminals) never train it at once: the second waits, then
-    finds it finished. Released by `Run.finish`, or by the operating system when the process ends."""
-    if run.id in _CLAIMS or not is_main_process():  # the other processes of one launch follow the main one
+    finds it finished. Released by `Run.finish`, or by the operating system when the process ends.
+
+    Under `accelerate launch` the main process claims for the launch. The others wait for it here, on a file it
+    writes once it holds the lock, rather than in a collective operation, which would time out while another job
+    trains the run for longer than the process group's timeout."""
+    if run.id in _CLAIMS:  # in every process alike, so that all of them enter the broadcast below or none
         return
-    locks = runs_root() / ".locks"
-    locks.mkdir(parents=True, exist_ok=True)
-    handle = open(locks / f"{run.id}.lock", "w")
+    held = runs_root() / ".locks" / f"{run.id}.held"
+    token = agree(f"{platform.node()}:{os.getpid()}")  # the main process's, so a crashed launch's file is not its
+    if not is_main_process():
+        while not (run.finished or (held.is_file() and held.read_text() == token)):
+            time.sleep(1)
+        _CLAIMS[run.id] = (None, None)
+        return
+    held.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(held.parent / f"{run.id}.lock", "w")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         say(f"waiting: another process is training {run.id}")
         fcntl.flock(handle, fcntl.LOCK_EX)
-    _CLAIMS[run.id] = handle
+    if world_size() > 1:
+        held.write_text(token)
+    _CLAIMS[run.id] = (handle, held)
 
 
 def release(run: Run) -> None:
-    handle = _CLAIMS.pop(run.id, None)
+    handle, held = _CLAIMS.pop(run.id, (None, None))
     if handle is not None:
+        held.unlink(missing_ok=True)
         handle.close()
 
 

@@ -23,13 +23,31 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _launch(root: Path, *args: str) -> subprocess.Popen:
-    """`accelerate launch` of the study's CLI in 2 processes (--multi_gpu picks gloo where there is no GPU)."""
+def _accelerate(*program: str, env: dict | None = None) -> subprocess.Popen:
+    """`accelerate launch` of `program` in 2 processes (--multi_gpu picks gloo where there is no GPU)."""
     command = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-               "-m", "rnlib", "run", *args, "--profile", "smoke"]
-    return subprocess.Popen(command, env=os.environ | {"RN_RUNS": str(root), "OMP_NUM_THREADS": "1"},
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), *program]
+    return subprocess.Popen(command, env=os.environ | {"OMP_NUM_THREADS": "1"} | (env or {}),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _launch(root: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
+    """The study's CLI in 2 processes on the runs/ directory `root`."""
+    return _accelerate("-m", "rnlib", "run", *args, "--profile", "smoke", env={"RN_RUNS": str(root)} | (env or {}))
+
+
+def test_every_process_takes_the_main_process_decision_before_any_trainer_exists(tmp_path):
+    """`pipeline.agree` broadcasts for real from the start (on CPUs accelerate sees a launch only when asked for
+    `cpu=True`; without it every process kept its own value until a trainer had joined the process group)."""
+    probe = tmp_path / "probe.py"
+    probe.write_text("import os\nfrom rnlib import pipeline\n"
+                     "print('agreed', pipeline.agree(os.getpid()), os.getpid(), flush=True)\n")
+    launched = _accelerate(str(probe))
+    out, err = launched.communicate(timeout=300)
+    assert launched.returncode == 0, _failure(err)
+    lines = [line.split() for line in out.splitlines() if line.startswith("agreed")]
+    assert len(lines) == 2 and lines[0][1] == lines[1][1]  # one value: the main process's pid
+    assert {lines[0][1]} < {lines[0][2], lines[1][2]} and lines[0][2] != lines[1][2]
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +114,25 @@ def test_two_processes_resume_a_killed_run_from_its_checkpoint(two_process_root)
     assert resumed.returncode == 0, _failure(err)
     assert run.manifest["attempts"] == 2
     _logged_once(run, load_profile("smoke").defend.max_steps)
+
+
+def test_a_launch_waits_out_another_job_holding_its_run_for_longer_than_the_collective_timeout(two_process_root,
+                                                                                           monkeypatch):
+    """The other processes wait for the main one on a file, not in a collective that would time out meanwhile."""
+    monkeypatch.setenv("RN_RUNS", str(two_process_root))
+    run = train.stage_run(load_profile("smoke"), "sft_refusal", "biochem", 0,
+                          start=next(two_process_root.glob("align-*")).name)
+    pipeline.claim(run)  # another job is training it, for longer than the launch's collective timeout
+    launched = _launch(two_process_root, "sft_refusal", "--domain", "biochem", env={"RN_COLLECTIVE_TIMEOUT_S": "20"})
+    time.sleep(45)
+    assert launched.poll() is None, _failure(launched.communicate()[1])
+    run.start({"stage": "sft_refusal"})
+    run.finish()  # releases the lock: the launch finds the run finished and reuses it
+    out, err = launched.communicate(timeout=300)
+    assert launched.returncode == 0, _failure(err)
+    assert "waiting: another process is training" in err and f"reused {run.id}" in err
+    assert out.count('"run":') == 1 and run.manifest["attempts"] == 1
+    assert not list((two_process_root / ".locks").glob("*.held"))
 
 
 def test_a_step_batch_is_split_over_the_processes_or_refused(monkeypatch):

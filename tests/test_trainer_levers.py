@@ -59,7 +59,8 @@ def test_completion_only_head_equals_trls_own_path(trainer, batch):
         logps, entropies = _logps(trainer, batch)
         loss, grads = _loss_and_grads(trainer, batch)
     torch.testing.assert_close(logps[completion], trl_logps[completion], rtol=0, atol=1e-5)
-    torch.testing.assert_close(entropies[completion], trl_entropies[completion], rtol=0, atol=1e-5)
+    # an entropy sums ~49k float32 terms, and the two paths multiply in a different order: allow float32 rounding
+    torch.testing.assert_close(entropies[completion], trl_entropies[completion], rtol=1e-5, atol=1e-5)
     assert (logps[~completion] == 0).all() and (trl_logps[~completion] == 0).all()
     assert abs(loss - trl_loss) <= 1e-4  # often exactly 0: a group-mean advantage times a ratio of 1
     assert grads.keys() == trl_grads.keys() and len(grads) > 0
