@@ -252,7 +252,8 @@ class Run:
         wait_for_main()
 
 
-_CLAIMS: dict[str, tuple] = {}  # run id -> (the open lock file, the held file) while this process trains it
+_CLAIMS: dict[str, tuple] = {}  # run id -> (the open lock file, the held file) while this process trains it;
+# (None, None) in the other processes of a launch, which hold nothing but must skip `claim` when the main one does
 
 
 def claim(run: Run) -> None:
