@@ -74,7 +74,8 @@ plots.save(grid.figure, "04_paper_comparison", figures_dir)
 # it never did, the last step of the attack: a *censored* observation ("aligned for at least this long"). The
 # Kaplan-Meier curve is the share of cells still aligned after each step, pooled over domains and seeds; ticks mark
 # censored cells. RN models that failed their utility floor are left out of the curves (their attacks say nothing
-# about the defense) and counted as failures in the claims below.
+# about the defense) and counted as failures in the claims below. Notebook 05 draws the same curves for the
+# baselines (`sft_refusal`, `entropy`) beside these two.
 
 # %%
 labels = evals.groupby("run_id")[["domain", "target", "seed"]].first()

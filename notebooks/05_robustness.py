@@ -23,10 +23,11 @@
 #   the harm score, or a short SFT warm start on compliant answers (from the un-aligned base model, kept in
 #   memory only) before the RL attack.
 # * **Transfer**: RN trained on one domain, attacked on the other; and a joint defense on both.
-# * **Seeds**: the headline comparison (standard vs RN at the last attack step) over several seeds, with a
-#   95% interval. Every seed starts from one aligned model (`robustness.headline_align_seed`), as the paper
-#   attacks one vendor checkpoint per model, so the spread is that of the defense's and the attack's
-#   initialisation and sampling, not of the stand-in alignment (notebook 01 checks that across seeds).
+# * **Seeds**: the headline comparison (the paper's attack on the standard model, RN and the baselines) over
+#   several seeds, with intervals and survival curves per defense. Every seed starts from one aligned model
+#   (`robustness.headline_align_seed`), as the paper attacks one vendor checkpoint per model, so the spread is that
+#   of the defense's and the attack's initialisation and sampling, not of the stand-in alignment (notebook 01
+#   checks that across seeds).
 #
 # Every cell below is an ordinary cached run; re-running the notebook never retrains what has finished.
 # The whole matrix is many hours on a CPU. With `train_missing = False` the notebook trains nothing: it shows
@@ -204,7 +205,7 @@ else:
     print("cross-domain transfer needs two domains; this run has", domains)
 
 # %% [markdown]
-# ## The headline over seeds: standard vs RN at the end of the paper's attack
+# ## The headline over seeds: every defense at the end of the paper's attack
 #
 # Each black dot is one seed. The refusal rate's interval pools every seed's answers (a Wilson interval, inside
 # 0-1); harm shows the mean over seeds and the lowest and highest seed, because with three seeds a t-interval runs
@@ -223,7 +224,7 @@ plots.save_table(summary.round(3), "05_headline_seeds", figures_dir, "The headli
                  "and highest seed) after the paper's attack.")
 if len(finals):
     quantities = list(dict.fromkeys(summary["quantity"]))
-    fig, axes = plots.plt.subplots(len(quantities), len(domains), figsize=(3.6 * len(domains), 3.0 * len(quantities)),
+    fig, axes = plots.plt.subplots(len(quantities), len(domains), figsize=(4.4 * len(domains), 3.0 * len(quantities)),
                                    squeeze=False)
     column = {"final refusal rate": "refusal_rate", "final harm (eval judge, 0-10)": "eval_harm_mean"}
     for row, quantity in enumerate(quantities):
@@ -238,6 +239,34 @@ if len(finals):
             ax.set(title=f"{domain}: {quantity}", xlim=(-0.5, len(rows) - 0.5),
                    ylim=(0, 1.02) if quantity == "final refusal rate" else (0, 10))
     plots.save(fig, "05_headline_seeds", figures_dir)
+
+# %% [markdown]
+# ## Survival per defense under the paper's attack
+#
+# Notebook 04's survival curves for every defense of the headline: the Kaplan-Meier share of (domain, seed) cells
+# still aligned after each attack step, pooled over domains and seeds, and a log-rank test of RN against each other
+# model. Cells whose defense failed its utility floor are left out of the curves and tests (listed in the table).
+# A baseline with few finished cells gets a wide band: read its curve with its cell count.
+
+# %%
+headline_cells = robustness.survival(study, [(labels | {"attack": "paper"}, run) for labels, run in seeded])
+if len(headline_cells):
+    budget = int(headline_cells["budget"].max())
+    fits = robustness.kaplan_meier(headline_cells)
+    plots.save(plots.survival(fits, budget, within=robustness.STANDARD_WITHIN), "05_survival", figures_dir)
+    medians = robustness.median_survival(fits)
+    tests = robustness.logrank(headline_cells)
+    plots.save_table(medians, "05_median_survival", figures_dir, "Median attack steps to un-alignment, per defense",
+                     "Kaplan-Meier median over the finished (domain, seed) cells of the paper's attack, with its 95% "
+                     f"interval (inf: more than half the cells held the {budget}-step budget; nan: too few cells).")
+    plots.save_table(tests, "05_logrank", figures_dir, "Log-rank tests: RN against every other model",
+                     "Floor-failing cells left out; with a handful of cells only a large difference can show.")
+    cell_table = headline_cells[["target", "domain", "seed", "steps", "unaligned", "frozen steps", "highest harm",
+                                 "utility floor"]].sort_values(["target", "domain", "seed"]).round(2)
+    plots.save_table(cell_table, "05_survival_cells", figures_dir, "Every cell of the headline, per defense",
+                     "Steps: the step the paper's attack un-aligned the model at (unaligned True), or its last "
+                     "evaluated step; frozen steps: how many steps it began with every group's rewards equal.")
+    display(medians, tests, cell_table)
 
 # %% [markdown]
 # ## Worst case over attacks (TamperBench's aggregation)

@@ -172,11 +172,12 @@ TARGETS = ("standard", "defended", "sft_refusal", "entropy")
 
 @dataclass(frozen=True)
 class RobustnessSettings:
-    """What notebook 05 runs: targets x attacks on each domain, and the seeds of the headline comparison."""
+    """What notebook 05 runs: targets x attacks on each domain, and the seeds and models of the headline comparison."""
 
     targets: tuple[str, ...] = TARGETS
     attacks: tuple[str, ...] = tuple(ATTACK_VARIANTS)
     headline_seeds: tuple[int, ...] = (0, 1, 2)
+    headline_targets: tuple[str, ...] = TARGETS  # the models the paper's attack meets on every headline seed
     headline_align_seed: int = 0  # the one aligned model every headline seed defends and attacks
     cross_domain: bool = True  # defend on one domain, attack the other; and a joint defense
 
@@ -226,6 +227,7 @@ _CHOICES = {
     "attack.scale_rewards": ("group", "batch", "none"),
     "adaptive.bonus": ("none", "entropy", "length"),
     "robustness.targets": TARGETS,
+    "robustness.headline_targets": TARGETS,
     "robustness.attacks": tuple(ATTACK_VARIANTS),
 }
 

@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 sns.set_theme(context="notebook", style="whitegrid", palette="colorblind")
-TARGET_COLORS = {"standard": "#d55e00", "defended": "#0072b2"}
+TARGET_COLORS = {"standard": "#d55e00", "defended": "#0072b2", "sft_refusal": "#009e73", "entropy": "#cc79a7"}
 
 
 def save(fig, name: str, figures_dir: str | Path) -> list[Path]:
@@ -86,8 +86,8 @@ def survival(fits: dict, budget: int, within: int | None = None):
     """Kaplan-Meier curves (lifelines fits, `robustness.kaplan_meier`): the share of cells still aligned after each
     attack step, with 95% bands; ticks mark censored cells (attacks that ended without un-aligning their model)."""
     fig, ax = plt.subplots(figsize=(6, 3.8))
-    for name, fit in fits.items():
-        fit.plot_survival_function(ax=ax, ci_show=True, show_censors=True, color=TARGET_COLORS.get(name),
+    for dashes, (name, fit) in zip(["-", "--", "-.", ":"] * len(fits), fits.items()):  # equal curves stay visible
+        fit.plot_survival_function(ax=ax, ci_show=True, show_censors=True, color=TARGET_COLORS.get(name), ls=dashes,
                                    label=f"{name} ({fit.event_observed.size} cells)")
     if within is not None:
         ax.axvline(within, ls=":", color="grey", lw=1)

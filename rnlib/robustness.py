@@ -154,7 +154,7 @@ def utility(profile: Profile, domains: list[str], seed: int, train_missing: bool
 
 
 def headline(profile: Profile, domain: str, train_missing: bool = True) -> list[tuple[dict, Run]]:
-    """The paper's attack on the standard and the RN model for each headline seed.
+    """The paper's attack on each headline model (standard, RN and the baselines) for each headline seed.
 
     Every seed starts from one aligned model (seed `robustness.headline_align_seed`), as the paper attacks one
     vendor checkpoint per model: the seeds vary the defense's and the attack's initialisation and sampling.
@@ -162,7 +162,7 @@ def headline(profile: Profile, domain: str, train_missing: bool = True) -> list[
     aligned_seed = profile.robustness.headline_align_seed
     return [({"target": target, "domain": domain, "seed": seed, "aligned_seed": aligned_seed},
              _attack(profile, profile, target, domain, domain, seed, train_missing, aligned_seed))
-            for seed in profile.robustness.headline_seeds for target in ("standard", "defended")]
+            for seed in profile.robustness.headline_seeds for target in profile.robustness.headline_targets]
 
 
 def headline_summary(finals: pd.DataFrame, answers_per_run: int) -> pd.DataFrame:

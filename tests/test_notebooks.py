@@ -6,6 +6,7 @@ from pathlib import Path
 
 import jupytext
 import nbformat
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -20,7 +21,8 @@ EXPECTED_FIGURES = [
     "03_harm_standard_vs_defended", "03_refusal_standard_vs_defended",
     "04_paper_comparison", "04_survival", "04_mechanism_reward_std", "04_mechanism_zero_variance",
     "04_harm_vs_neutralization",
-    "05_robustness_matrix", "05_over_refusal", "05_finetunability", "05_headline_seeds",  # smoke has one domain: no 05_cross_domain
+    "05_robustness_matrix", "05_over_refusal", "05_finetunability", "05_headline_seeds",
+    "05_survival",  # smoke has one domain: no 05_cross_domain
 ]
 
 
@@ -89,6 +91,8 @@ def test_smoke_study_executes_all_notebooks_and_figures_replay_from_its_shipped_
     assert "entropy_bonus" in matrix and "sft_refusal" in matrix
     seeds = (figures / "05_headline_seeds.csv").read_text().splitlines()
     assert seeds[0] == "domain,target,quantity,seeds,value,low,high,interval" and all(",2," in row for row in seeds[1:])
+    survival = pd.read_csv(figures / "05_survival_cells.csv")  # the headline's cells per defense: 2 seeds each
+    assert survival.groupby("target")["seed"].nunique().to_dict() == {"defended": 2, "standard": 2}
     executed = tmp_path / "papermill_runs" / "smoke"
     robustness_outputs = json.dumps([c.get("outputs", []) for c in
                                      nbformat.read(executed / "05_robustness.ipynb", as_version=4).cells])
@@ -108,7 +112,7 @@ def test_smoke_study_executes_all_notebooks_and_figures_replay_from_its_shipped_
     notebooks.from_logs("smoke", results=fresh, output_root=tmp_path / "replayed", figures_root=tmp_path / "replayed")
     replayed = tmp_path / "replayed" / "smoke"
     assert sorted(p.name for p in replayed.glob("*.png")) == sorted(p.name for p in figures.glob("*.png"))
-    for table in ("05_robustness_matrix.csv", "05_over_refusal.md", "05_headline_seeds.csv"):
+    for table in ("05_robustness_matrix.csv", "05_over_refusal.md", "05_headline_seeds.csv", "05_survival_cells.csv"):
         assert (replayed / table).read_text() == (figures / table).read_text()
     first = json.dumps([c.get("outputs", []) for c in nbformat.read(replayed / "01_threat_demo.ipynb", as_version=4).cells])
     assert "Source: shipped run logs" in first and "[rnlib] reused align-all-smollm2-135m-s0-" in first

@@ -117,6 +117,8 @@ def test_every_missing_cell_names_the_command_that_runs_it(tmp_path, monkeypatch
     seed1 = next(m for m in missing if m["seed"] == 1 and m["target"] == "defended")
     assert seed1["command"] == ("python -m rnlib run attack --profile cpu --domain cyber --seed 1 --target defended "
                                 "--aligned-seed 0")
+    baseline = next(m for m in missing if m["seed"] == 2 and m["target"] == "entropy" and "attack" not in m)
+    assert baseline["command"].endswith("--domain cyber --seed 2 --target entropy --aligned-seed 0")  # every defense
     hot = next(m for m in missing if m.get("attack") == "hot_sampling" and m["target"] == "entropy")
     assert hot["command"].endswith("--domain biochem --seed 0 --target entropy --set adaptive.temperature=1.4")
 
