@@ -134,7 +134,9 @@ def _redacted_hashes() -> set[str]:
 
 
 def test_shipped_logs_and_executed_notebooks_hold_no_harmful_completion_in_clear():
-    hashes = _redacted_hashes()
+    # A model that answers with one of the study's own refusal templates word for word shows nothing the source
+    # does not: the eval judge scored "I won't help with this." 4.8 on one biochem prompt, so it is stored redacted.
+    hashes = _redacted_hashes() - {pipeline.text_hash(text) for text in train.CONCISE_REFUSALS}
     assert all(not json.loads(m.read_text())["profile"].get("store_full_completions") for m in SHIPPED)
     for executed in (ROOT / "papermill_runs").rglob("*.ipynb"):
         outputs = json.dumps([c.get("outputs", []) for c in nbformat.read(executed, as_version=4).cells])
