@@ -80,23 +80,10 @@ plots.save(grid.figure, "04_paper_comparison", figures_dir)
 # %%
 labels = evals.groupby("run_id")[["domain", "target", "seed"]].first()
 cells = robustness.survival(study, [(labels.loc[run.id].to_dict() | {"attack": "paper"}, run) for run in attacks])
-fits = robustness.kaplan_meier(cells)
-budget = int(cells["budget"].max())
-plots.save(plots.survival(fits, budget, within=robustness.STANDARD_WITHIN), "04_survival", figures_dir)
-medians = robustness.median_survival(fits)
-plots.save_table(medians, "04_median_survival", figures_dir, "Median attack steps to un-alignment",
-                 "Kaplan-Meier median over (domain, seed) cells with its 95% interval; inf: more than half the cells "
-                 f"were never un-aligned within the {budget}-step budget.")
-tests = robustness.logrank(cells)
-plots.save_table(tests, "04_logrank", figures_dir, "Log-rank test: RN against the standard model",
-                 "Does the RN model stay aligned longer under the same attack? Floor-failing RN cells left out.")
-table = cells[["domain", "seed", "target", "steps", "unaligned", "frozen steps", "highest harm", "utility floor"]]
-plots.save_table(table.sort_values(["target", "domain", "seed"]).round(2), "04_survival_cells", figures_dir,
-                 "Every attacked cell",
-                 f"The step at which the attack un-aligned the model (unaligned True) or its last evaluated step "
-                 f"(censored, of a {budget}-step budget); frozen steps: how many steps it began with every group's "
-                 "rewards equal (no gradient); highest harm by the eval judge.")
-display(table, medians, tests)
+survival = robustness.survival_summary(cells)
+plots.save_survival(survival, "04", figures_dir, "standard and RN",
+                    "the paper's attack", within=robustness.STANDARD_WITHIN)
+display(survival.cells, survival.medians, survival.tests)
 
 # %% [markdown]
 # ## Two judges: what the attacker optimised and what people would see

@@ -251,22 +251,10 @@ if len(finals):
 # %%
 headline_cells = robustness.survival(study, [(labels | {"attack": "paper"}, run) for labels, run in seeded])
 if len(headline_cells):
-    budget = int(headline_cells["budget"].max())
-    fits = robustness.kaplan_meier(headline_cells)
-    plots.save(plots.survival(fits, budget, within=robustness.STANDARD_WITHIN), "05_survival", figures_dir)
-    medians = robustness.median_survival(fits)
-    tests = robustness.logrank(headline_cells)
-    plots.save_table(medians, "05_median_survival", figures_dir, "Median attack steps to un-alignment, per defense",
-                     "Kaplan-Meier median over the finished (domain, seed) cells of the paper's attack, with its 95% "
-                     f"interval (inf: more than half the cells held the {budget}-step budget; nan: too few cells).")
-    plots.save_table(tests, "05_logrank", figures_dir, "Log-rank tests: RN against every other model",
-                     "Floor-failing cells left out; with a handful of cells only a large difference can show.")
-    cell_table = headline_cells[["target", "domain", "seed", "steps", "unaligned", "frozen steps", "highest harm",
-                                 "utility floor"]].sort_values(["target", "domain", "seed"]).round(2)
-    plots.save_table(cell_table, "05_survival_cells", figures_dir, "Every cell of the headline, per defense",
-                     "Steps: the step the paper's attack un-aligned the model at (unaligned True), or its last "
-                     "evaluated step; frozen steps: how many steps it began with every group's rewards equal.")
-    display(medians, tests, cell_table)
+    survival = robustness.survival_summary(headline_cells)
+    plots.save_survival(survival, "05", figures_dir, "every defense",
+                        "the paper's attack", within=robustness.STANDARD_WITHIN)
+    display(survival.medians, survival.tests, survival.cells)
 
 # %% [markdown]
 # ## Worst case over attacks (TamperBench's aggregation)

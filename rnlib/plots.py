@@ -95,3 +95,22 @@ def survival(fits: dict, budget: int, within: int | None = None):
            ylabel="share of cells still aligned")
     ax.legend(fontsize=8)
     return fig
+
+
+def save_survival(summary, prefix: str, figures_dir: str | Path, models: str, attack: str,
+                  within: int | None = None) -> None:
+    """Save a `robustness.survival_summary` as `<prefix>_survival` (curves), `_median_survival`, `_logrank` and
+    `_survival_cells`, titled with the `models` compared and captioned with the `attack` their cells ran."""
+    budget = summary.budget
+    save(survival(summary.fits, budget, within=within), f"{prefix}_survival", figures_dir)
+    save_table(summary.medians, f"{prefix}_median_survival", figures_dir,
+               f"Median attack steps to un-alignment: {models}",
+               f"Kaplan-Meier median over the (domain, seed) cells of {attack}, with its 95% interval (inf: more "
+               f"than half the cells held the {budget}-step budget; nan: too few cells). Floor-failing cells left out.")
+    save_table(summary.tests, f"{prefix}_logrank", figures_dir, f"Log-rank tests of RN against the others: {models}",
+               "Does the RN model stay aligned longer under the same attack? Floor-failing cells left out; with a "
+               "handful of cells only a large difference can show.")
+    save_table(summary.cells, f"{prefix}_survival_cells", figures_dir, f"Every attacked cell: {models}",
+               f"Steps: the step at which {attack} un-aligned the model (unaligned True) or its last evaluated step "
+               f"(censored, of a {budget}-step budget); frozen steps: how many steps it began with every group's "
+               "rewards equal (no gradient); highest harm by the eval judge.")

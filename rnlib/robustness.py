@@ -8,7 +8,7 @@ collects the runs that have finished, so the notebook can report a partly run st
 """
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import partial
 
 import pandas as pd
@@ -245,6 +245,25 @@ def logrank(cells: pd.DataFrame, reference: str = "defended", by: str = "target"
 
 
 STANDARD_WITHIN = 50  # the paper: an aligned model's harm climbs to 7-9 within ~50 attack steps
+
+
+@dataclass(frozen=True)
+class SurvivalSummary:
+    """Everything notebooks 04 and 05 show of a set of attacked cells (`survival`), computed once."""
+    cells: pd.DataFrame  # one row per cell, the columns a reader needs, sorted by target, domain, seed
+    fits: dict  # Kaplan-Meier fit per target (`kaplan_meier`)
+    budget: int  # the largest attack budget among the cells: the figure's x range
+    medians: pd.DataFrame  # `median_survival`
+    tests: pd.DataFrame  # `logrank`: RN against every other target
+
+
+def survival_summary(cells: pd.DataFrame) -> SurvivalSummary:
+    """Curves, medians and log-rank tests of `survival`'s cells (floor-failing cells stay in the table, out of the
+    statistics)."""
+    fits = kaplan_meier(cells)
+    table = cells[["target", "domain", "seed", "steps", "unaligned", "frozen steps", "highest harm", "utility floor"]]
+    return SurvivalSummary(cells=table.sort_values(["target", "domain", "seed"]).round(2), fits=fits,
+                           budget=int(cells["budget"].max()), medians=median_survival(fits), tests=logrank(cells))
 
 
 def _claim_verdict(hits: int, n: int) -> tuple[dict, str]:

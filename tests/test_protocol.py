@@ -64,7 +64,8 @@ def _cells(rows):
     import pandas as pd
 
     return pd.DataFrame([dict(zip(("target", "attack", "steps", "unaligned", "highest harm", "utility floor"), r),
-                              budget=200) for r in rows])
+                              budget=200, domain="cyber", seed=seed, **{"frozen steps": 0})
+                         for seed, r in enumerate(rows)])
 
 
 STANDARD_CELLS = [("standard", "paper", s, True, 4.0, "standard model") for s in (20, 20, 30, 40, 60, 30)]
@@ -105,6 +106,18 @@ def test_survival_figure_draws_one_curve_per_model(tmp_path):
 
     fig = plots.survival(robustness.kaplan_meier(_cells(STANDARD_CELLS + RN_CELLS)), budget=200, within=50)
     assert {t.get_text().split(" (")[0] for t in fig.axes[0].get_legend().get_texts()} == {"standard", "defended"}
+
+
+def test_survival_summary_keeps_every_cell_in_its_table_and_the_usable_ones_in_its_statistics(tmp_path):
+    from rnlib import plots
+
+    summary = robustness.survival_summary(_cells(STANDARD_CELLS + RN_CELLS))
+    assert len(summary.cells) == 12 and summary.cells["target"].iloc[0] == "defended" and summary.budget == 200
+    assert summary.medians.set_index("model").loc["defended", "cells"] == 5  # the floor-failing cell left out
+    assert summary.tests["comparison"].tolist() == ["defended vs standard"]
+    plots.save_survival(summary, "04", tmp_path, "standard and RN", "the paper's attack", within=50)
+    assert {p.name for p in tmp_path.iterdir()} >= {"04_survival.png", "04_median_survival.csv", "04_logrank.csv",
+                                                   "04_survival_cells.csv"}
 
 
 def test_every_missing_cell_names_the_command_that_runs_it(tmp_path, monkeypatch):
