@@ -39,15 +39,17 @@ def _launch(root: Path, *args: str, env: dict | None = None) -> subprocess.Popen
 def test_every_process_takes_the_main_process_decision_before_any_trainer_exists(tmp_path):
     """`pipeline.agree` broadcasts for real from the start (on CPUs accelerate sees a launch only when asked for
     `cpu=True`; without it every process kept its own value until a trainer had joined the process group)."""
-    probe = tmp_path / "probe.py"
-    probe.write_text("import os\nfrom rnlib import pipeline\n"
-                     "print('agreed', pipeline.agree(os.getpid()), os.getpid(), flush=True)\n")
+    probe = tmp_path / "probe.py"  # each process writes a file of its own: their shared stdout can interleave
+    probe.write_text("import os, pathlib\nfrom rnlib import pipeline\n"
+                     f"pathlib.Path({str(tmp_path)!r}, f'agreed-{{os.getpid()}}').write_text("
+                     "f'{pipeline.agree(os.getpid())} {os.getpid()}')\n"
+                     "pipeline.wait_for_main()\n")  # leave together, as a run does: no process exits mid-collective
     launched = _accelerate(str(probe))
-    out, err = launched.communicate(timeout=300)
+    _, err = launched.communicate(timeout=300)
     assert launched.returncode == 0, _failure(err)
-    lines = [line.split() for line in out.splitlines() if line.startswith("agreed")]
-    assert len(lines) == 2 and lines[0][1] == lines[1][1]  # one value: the main process's pid
-    assert {lines[0][1]} < {lines[0][2], lines[1][2]} and lines[0][2] != lines[1][2]
+    lines = [path.read_text().split() for path in sorted(tmp_path.glob("agreed-*"))]
+    assert len(lines) == 2 and lines[0][0] == lines[1][0]  # one value: the main process's pid
+    assert {lines[0][0]} < {lines[0][1], lines[1][1]} and lines[0][1] != lines[1][1]
 
 
 @pytest.fixture(scope="module")
