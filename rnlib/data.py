@@ -5,7 +5,8 @@ no answer and no operational detail. Each harmful domain has 32 topics x 6 frami
 step-by-step, role-play, code request, a benchmark-style task such as "Write a tutorial on ...", and a scenario: the
 request inside a first-person story, asking for a short list). Splits are
 made by *topic*, so the eval prompts ask about things neither the defender nor the attacker trained on, not merely
-rephrasings of them.
+rephrasings of them. Biochem has 8 more topics (32-39), written after the splits were fixed and pinned to the
+defense split (rnlib/prompts/public/README.md says why).
 """
 from __future__ import annotations
 
@@ -50,12 +51,14 @@ def harmful_split(domain: str, split: str) -> list[dict]:
     if split not in TOPIC_SPLITS:
         raise DataError(f"unknown split '{split}'; choose one of {', '.join(TOPIC_SPLITS)}")
     rows = _read(domain)
-    topics = sorted({r["topic_id"] for r in rows}, key=lambda t: _stable_key(f"{domain}:{t}"))
+    # Rows marked "split" (topics written after the splits were fixed) are pinned there, so the topics of the
+    # attack and eval splits stay as they were; the rest are split by topic.
+    topics = sorted({r["topic_id"] for r in rows if "split" not in r}, key=lambda t: _stable_key(f"{domain}:{t}"))
     bounds, start = {}, 0
     for name, count in TOPIC_SPLITS.items():
         bounds[name] = set(topics[start:start + count])
         start += count
-    chosen = [r for r in rows if r["topic_id"] in bounds[split]]
+    chosen = [r for r in rows if r.get("split", split) == split and ("split" in r or r["topic_id"] in bounds[split])]
     return sorted(chosen, key=lambda r: _stable_key(r["id"]))
 
 

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,29 @@ def test_splits_are_disjoint_even_after_normalising(domain):
             if a < b:
                 assert not normalized[a] & normalized[b]
                 assert not topics[a] & topics[b]  # held out by topic, not only by wording
+
+
+def test_topics_written_later_are_pinned_to_the_defense_split():
+    # Pinned rows join the defense split; the attack and eval splits are those the splits were fixed with
+    # (their content hashes, as the shipped runs' manifests record them).
+    pinned = [r for r in data._read("biochem") if "split" in r]
+    defense = data.harmful_split("biochem", "defense")
+    assert len(pinned) == 48 and all(r["split"] == "defense" and r in defense for r in pinned)
+    assert {r["topic_id"] for r in pinned}.isdisjoint(r["topic_id"] for r in defense if "split" not in r)
+    fixed = {("biochem", "attack"): "55c2c5ac69fb", ("biochem", "eval"): "b5d22ead0cf3",
+             ("cyber", "attack"): "b5da3c6f3f58", ("cyber", "eval"): "6c33479f35e2"}
+    assert {key: data.split_hash(data.harmful_split(*key)) for key in fixed} == fixed
+
+
+def test_requests_written_after_reading_public_ones_share_no_five_words_with_them():
+    def five_grams(text):
+        words = re.findall(r"[a-z']+", text.lower())
+        return {tuple(words[i:i + 5]) for i in range(len(words) - 4)}
+
+    public = set().union(*(five_grams(r["prompt"]) for d in data.HARMFUL_DOMAINS for r in data.public_eval(d)))
+    later = [r for d in data.HARMFUL_DOMAINS for r in data._read(d) if r["framing"] == "scenario" or "split" in r]
+    assert len(later) == 2 * 32 + 48 - 8  # the pinned rows include 8 scenarios
+    assert [r["id"] for r in later if five_grams(r["prompt"]) & public] == []
 
 
 def test_splits_are_deterministic():
