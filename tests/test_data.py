@@ -48,7 +48,7 @@ def test_requests_written_after_reading_public_ones_share_no_five_words_with_the
 
     public = set().union(*(five_grams(r["prompt"]) for d in data.HARMFUL_DOMAINS for r in data.public_eval(d)))
     later = [r for d in data.HARMFUL_DOMAINS for r in data._read(d) if r["framing"] == "scenario" or "split" in r]
-    assert len(later) == 2 * 32 + 48 - 8  # the pinned rows include 8 scenarios
+    assert len(later) == 2 * 32 + 48  # every scenario of the first 32 topics, every pinned row
     assert [r["id"] for r in later if five_grams(r["prompt"]) & public] == []
 
 
