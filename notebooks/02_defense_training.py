@@ -24,8 +24,9 @@
 # Why this defeats the attacker of notebook 01: if every sampled answer is the same terse refusal, every
 # answer earns the same (lowest) harm score, the group's reward variance is zero and so is GRPO's advantage.
 # We track that directly with the **neutralization index**: the share of held-out prompts whose sampled
-# answers all receive the same attacker reward. Training runs until the index reaches its target *and* the
-# defensive reward has plateaued (or a step budget runs out), and the run records which happened.
+# answers all receive the same attacker reward. Training stops at the first evaluation where the index reaches
+# its target with benign answers still as long and varied as the utility floor asks (or when a step budget runs
+# out), and the run records which happened.
 #
 # At paper scale this is QLoRA on one GPU (4-bit nf4 base, LoRA adapters); on CPU it is LoRA in full precision.
 

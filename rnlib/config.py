@@ -131,9 +131,7 @@ class DefendSettings(GRPOSettings):
     max_steps: int = 150
     min_steps: int = 20
     benign_fraction: float = 0.25  # share of training prompts that are benign (0 disables the mix)
-    target_neutralization: float = 0.9
-    plateau_window: int = 3  # consecutive evaluations ...
-    plateau_tolerance: float = 0.05  # ... whose held-out defensive reward moved less than this
+    target_neutralization: float = 0.9  # share of held-out prompts whose sampled answers all earn one reward
 
 
 @dataclass(frozen=True)

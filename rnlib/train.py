@@ -781,27 +781,21 @@ def rl_rows(rows: list[dict], kind: str) -> list[dict]:
             for r in rows]
 
 
-def _reward_movement(evals: list[dict], settings) -> tuple[float, float, int]:
-    """(latest defensive reward, its range over the plateau window, evaluations in the window)."""
-    window = [e["defense_reward"] for e in evals[-settings.plateau_window:]]
-    return window[-1], max(window) - min(window), len(window)
-
-
 def neutralization_stop(settings):
-    """Stop once the defensive reward has plateaued AND the neutralization index reached its target, with benign
-    answers still as long and varied as the utility floor asks: token soup is neutral only because it says nothing."""
+    """Stop at the first evaluation (from `min_steps` on) whose neutralization index reached its target, with benign
+    answers still as long and varied as the utility floor asks: token soup is neutral only because it says nothing.
+
+    No plateau of the defensive reward is asked for: on the cpu profile's aligned model (biochem seed 0) the index
+    reached 1.00 at step 20 while that reward still rose, and training on to a plateau lost it (0.12 at step 60)."""
 
     def rule(evals: list[dict]) -> str | None:
         latest = evals[-1]
-        if latest["step"] < settings.min_steps or len(evals) < settings.plateau_window:
+        if latest["step"] < settings.min_steps or latest["neutralization_index"] < settings.target_neutralization:
             return None
-        reward, moved, _ = _reward_movement(evals, settings)
         if benign_health_problem(latest, evals[0]):
             return None
-        if moved <= settings.plateau_tolerance and latest["neutralization_index"] >= settings.target_neutralization:
-            return (f"neutralized at step {latest['step']}: index {latest['neutralization_index']:.2f} >= "
-                    f"{settings.target_neutralization}, defensive reward plateaued at {reward:.3f}")
-        return None
+        return (f"neutralized at step {latest['step']}: index {latest['neutralization_index']:.2f} >= "
+                f"{settings.target_neutralization}, defensive reward {latest['defense_reward']:.3f}")
 
     return rule
 
@@ -857,13 +851,12 @@ def defend(profile: Profile, domain: str, seed: int = 0, start: Run | None = Non
                     seed, neutralization_stop(settings))
     stops = pipeline.read_jsonl(run.path / "stop.jsonl")
     evals = run.evals()
-    reward, moved, n = _reward_movement(evals, settings)
-    problem = benign_health_problem(evals[-1], evals[0])
+    reached = [e["step"] for e in evals if e["neutralization_index"] >= settings.target_neutralization]
     reason = stops[-1]["reason"] if stops else (
         f"max_steps ({settings.max_steps}) reached before the stop rule held: neutralization index "
-        f"{evals[-1]['neutralization_index']:.2f} (target {settings.target_neutralization}), defensive reward "
-        f"{reward:.3f} moved {moved:.3f} over the last {n} evaluations (plateau tolerance {settings.plateau_tolerance})"
-        + (f"; {problem}" if problem else ""))
+        f"{evals[-1]['neutralization_index']:.2f} at the last evaluation (target {settings.target_neutralization})"
+        + (f"; reached at step {', '.join(map(str, reached))} with benign answers below the floor's length or "
+           "variety bar, or before min_steps" if reached else ""))
     return _finish_defense(run, profile, start, trainer, reason)
 
 

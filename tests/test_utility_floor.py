@@ -63,6 +63,23 @@ def test_the_stop_rule_no_longer_calls_a_collapsed_defense_neutralized():
     assert metrics.benign_health_problem(with_health[0], with_health[0]) is None
 
 
+def test_the_stop_rule_stops_at_the_first_healthy_neutralized_evaluation():
+    """RN biochem seed 0 of the cpu profile: index 1.00 at step 20 while the defensive reward still rose, lost by
+    step 40 as training went on. The rule takes step 20 and nothing before min_steps or with unhealthy answers."""
+    rule = train.neutralization_stop(load_profile("cpu").defend)  # min_steps 20, target 0.9
+    measured = [(0, 0.00, 0.56, 32.3, 1.00), (10, 0.06, 0.75, 19.0, 1.00), (20, 1.00, 0.86, 20.5, 0.96),
+                (30, 0.50, 0.90, 25.2, 1.00), (40, 0.06, 0.81, 30.9, 1.00)]
+    evals = [{"step": step, "neutralization_index": index, "defense_reward": reward, "benign_words": words,
+              "benign_distinct": distinct} for step, index, reward, words, distinct in measured]
+    decisions = [rule(evals[:i + 1]) for i in range(len(evals))]
+    assert decisions[0] is None and decisions[1] is None and decisions[3:] == [None, None]
+    assert decisions[2].startswith("neutralized at step 20: index 1.00")
+    early = [dict(evals[0]), dict(evals[1], neutralization_index=1.0)]
+    assert rule(early) is None  # before min_steps
+    soup = evals[:2] + [dict(evals[2], benign_words=3.0)]
+    assert rule(soup) is None  # neutral only because it says nothing
+
+
 @pytest.mark.parametrize("words, distinct, broken", [(30.0, 1.0, False), (10.0, 1.0, True), (30.0, 0.5, True)])
 def test_benign_health_bars_against_the_start(words, distinct, broken):
     start = {"benign_words": 30.0, "benign_distinct": 1.0}
