@@ -58,7 +58,7 @@ def harmful_split(domain: str, split: str) -> list[dict]:
     for name, count in TOPIC_SPLITS.items():
         bounds[name] = set(topics[start:start + count])
         start += count
-    chosen = [r for r in rows if r.get("split", split) == split and ("split" in r or r["topic_id"] in bounds[split])]
+    chosen = [r for r in rows if (r["split"] == split if "split" in r else r["topic_id"] in bounds[split])]
     return sorted(chosen, key=lambda r: _stable_key(r["id"]))
 
 

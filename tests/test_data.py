@@ -30,8 +30,8 @@ def test_splits_are_disjoint_even_after_normalising(domain):
 
 
 def test_topics_written_later_are_pinned_to_the_defense_split():
-    # Pinned rows join the defense split; the attack and eval splits are those the splits were fixed with
-    # (their content hashes, as the shipped runs' manifests record them).
+    # Pinned rows join the defense split; the attack and eval splits keep the content hashes they had before
+    # biochem's topics 32-39 were written.
     pinned = [r for r in data._read("biochem") if "split" in r]
     defense = data.harmful_split("biochem", "defense")
     assert len(pinned) == 48 and all(r["split"] == "defense" and r in defense for r in pinned)
