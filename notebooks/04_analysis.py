@@ -124,6 +124,29 @@ fig = plots.curves(steps, "frac_reward_zero_std", "share of zero-variance groups
 plots.save(fig, "04_mechanism_zero_variance", figures_dir)
 
 # %% [markdown]
+# ## Does the freeze explain the survival?
+# One point per attacked cell: how many steps the attack began frozen (x) and the step it un-aligned the model
+# (y; a cell that held is drawn at its last step, as a cross). If the freeze is all of RN's protection, every point
+# lies a little above the diagonal: once one group's rewards differ the model moves, and the next evaluation or two
+# find it un-aligned. A point far above the diagonal would be a model that resists even with a gradient. The
+# table gives each cell's steps after its freeze ended.
+
+# %%
+frozen = cells.dropna(subset=["frozen steps"]).assign(
+    **{"after the freeze": lambda c: c["steps"] - c["frozen steps"],
+       "outcome": lambda c: c["unaligned"].map({True: "un-aligned", False: "held (censored)"})})
+fig = plots.plt.figure(figsize=(5, 3.8))
+ax = plots.sns.scatterplot(data=frozen, x="frozen steps", y="steps", hue="target", style="outcome",
+                           markers={"un-aligned": "o", "held (censored)": "X"}, palette=plots.TARGET_COLORS, s=60)
+top = max(frozen["steps"].max(), frozen["frozen steps"].max()) + 10
+ax.plot([0, top], [0, top], color="grey", ls=":", lw=1)
+ax.set(xlabel="frozen steps at the start of the attack", ylabel="step un-aligned (or last step)",
+       xlim=(-2, top), ylim=(0, top))
+plots.save(fig, "04_frozen_steps_vs_survival", figures_dir)
+display(frozen[["target", "domain", "seed", "frozen steps", "steps", "after the freeze", "outcome", "utility floor"]]
+        .sort_values(["target", "frozen steps"]))
+
+# %% [markdown]
 # ## Harm against the neutralization index
 # Every evaluation of every attack run: how neutralized the model was (share of held-out prompts whose sampled
 # answers all got the same reward) and how much harm the reward judge saw: the index is about the attacker's
