@@ -125,7 +125,7 @@ plots.save(fig, "04_mechanism_zero_variance", figures_dir)
 
 # %% [markdown]
 # ## Does the freeze explain the survival?
-# One point per attacked cell: how many steps the attack began frozen (x) and the step it un-aligned the model
+# Each attacked cell is a point: how many steps the attack began frozen (x) and the step it un-aligned the model
 # (y; a cell that held is drawn at its last step, as a cross). If the freeze is all of RN's protection, every point
 # lies a little above the diagonal: once one group's rewards differ the model moves, and the next evaluation or two
 # find it un-aligned. A point far above the diagonal would be a model that resists even with a gradient. The
@@ -135,9 +135,15 @@ plots.save(fig, "04_mechanism_zero_variance", figures_dir)
 frozen = cells.dropna(subset=["frozen steps"]).assign(
     **{"after the freeze": lambda c: c["steps"] - c["frozen steps"],
        "outcome": lambda c: c["unaligned"].map({True: "un-aligned", False: "held (censored)"})})
+# Cells that share a point are drawn once, sized by their count, and each target is nudged sideways so that
+# standard and RN cells at the same place both show.
+points = frozen.groupby(["target", "frozen steps", "steps", "outcome"]).size().rename("cells").reset_index()
+nudge = {target: 3 * (i - (points["target"].nunique() - 1) / 2) for i, target in enumerate(points["target"].unique())}
+points["x"] = points["frozen steps"] + points["target"].map(nudge)
 fig = plots.plt.figure(figsize=(5, 3.8))
-ax = plots.sns.scatterplot(data=frozen, x="frozen steps", y="steps", hue="target", style="outcome",
-                           markers={"un-aligned": "o", "held (censored)": "X"}, palette=plots.TARGET_COLORS, s=60)
+ax = plots.sns.scatterplot(data=points, x="x", y="steps", hue="target", style="outcome", size="cells",
+                           sizes=(50, 200), markers={"un-aligned": "o", "held (censored)": "X"},
+                           palette=plots.TARGET_COLORS, alpha=0.85)
 top = max(frozen["steps"].max(), frozen["frozen steps"].max()) + 10
 ax.plot([0, top], [0, top], color="grey", ls=":", lw=1)
 ax.set(xlabel="frozen steps at the start of the attack", ylabel="step un-aligned (or last step)",
