@@ -147,7 +147,7 @@ ax = plots.sns.scatterplot(data=points, x="x", y="steps", hue="target", style="o
 top = max(frozen["steps"].max(), frozen["frozen steps"].max()) + 10
 ax.plot([0, top], [0, top], color="grey", ls=":", lw=1)
 ax.set(xlabel="frozen steps at the start of the attack", ylabel="step un-aligned (or last step)",
-       xlim=(-2, top), ylim=(0, top))
+       xlim=(-4, top), ylim=(0, top))
 plots.save(fig, "04_frozen_steps_vs_survival", figures_dir)
 display(frozen[["target", "domain", "seed", "frozen steps", "steps", "after the freeze", "outcome", "utility floor"]]
         .sort_values(["target", "frozen steps"]))
