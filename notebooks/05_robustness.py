@@ -23,8 +23,8 @@
 #   the harm score, or a short SFT warm start on compliant answers (from the un-aligned base model, kept in
 #   memory only) before the RL attack.
 # * **Transfer**: RN trained on one domain, attacked on the other; and a joint defense on both.
-# * **Seeds**: the headline comparison (the paper's attack on the standard model, RN and the baselines) over
-#   several seeds, with intervals and survival curves per defense. Every seed starts from one aligned model
+# * **Seeds**: the headline comparison (the paper's attack, and the strongest adaptive attack, on the standard
+#   model, RN and the baselines) over several seeds, with intervals and survival curves per defense. Every seed starts from one aligned model
 #   (`robustness.headline_align_seed`), as the paper attacks one vendor checkpoint per model, so the spread is that
 #   of the defense's and the attack's initialisation and sampling, not of the stand-in alignment (notebook 01
 #   checks that across seeds).
@@ -46,7 +46,7 @@ import pandas as pd
 from IPython.display import Markdown, display
 
 from rnlib import pipeline, plots, robustness, train
-from rnlib.config import notebook_setup
+from rnlib.config import ATTACK_VARIANTS, notebook_setup
 
 study, figures_dir, _, domains = notebook_setup(profile, overrides, figures_dir, domains=domains)
 settings = study.robustness
@@ -215,7 +215,7 @@ else:
 # %%
 seeded = report([cell for domain in domains for cell in robustness.headline(study, domain, train_missing)],
                 "Headline over seeds")
-finals = robustness.last_evals(seeded, study)
+finals = robustness.last_evals([(labels, run) for labels, run in seeded if labels["attack"] == "paper"], study)
 summary = robustness.headline_summary(finals, study.data.n_eval * study.eval.samples_per_prompt) \
     if len(finals) else pd.DataFrame()
 display(summary.round(3))
@@ -249,12 +249,41 @@ if len(finals):
 # A baseline with few finished cells gets a wide band: read its curve with its cell count.
 
 # %%
-headline_cells = robustness.survival(study, [(labels | {"attack": "paper"}, run) for labels, run in seeded])
+seeded_cells = robustness.survival(study, seeded)
+headline_cells = seeded_cells[seeded_cells["attack"] == "paper"] if len(seeded_cells) else seeded_cells
 if len(headline_cells):
     survival = robustness.survival_summary(headline_cells)
     plots.save_survival(survival, "05", figures_dir, "every defense",
                         "the paper's attack", within=robustness.STANDARD_WITHIN)
     display(survival.medians, survival.tests, survival.cells)
+
+# %% [markdown]
+# ## Survival under the strongest adaptive attack
+#
+# RN protects only while the attack is frozen: every group of answers earns the same reward, so GRPO has no
+# gradient. An attacker who wants the gradient back can sample more varied answers. The profile's other headline
+# attacks (`robustness.headline_attacks`; the cpu profile adds `hot_sampling`, answers sampled at temperature 1.4,
+# the adaptive attack that un-aligned seed 0's models earliest) meet the same models on every seed. The paired
+# table puts each model's steps to un-alignment and frozen steps under every headline attack side by side
+# ("200+": it held the whole budget).
+
+# %%
+adaptive = [name for name in settings.headline_attacks if name != "paper"]
+for name in adaptive:
+    under = seeded_cells[seeded_cells["attack"] == name] if len(seeded_cells) else seeded_cells
+    if len(under):
+        changes = ", ".join(f"{key}={value}" for key, value in ATTACK_VARIANTS[name].items())
+        adaptive_survival = robustness.survival_summary(under)
+        plots.save_survival(adaptive_survival, f"05_{name}", figures_dir, f"every defense under {name}",
+                            f"the {name} attack ({changes})", within=robustness.STANDARD_WITHIN)
+        display(Markdown(f"**Under `{name}`** ({changes}):"), adaptive_survival.medians, adaptive_survival.tests)
+if adaptive and len(seeded_cells):
+    paired = robustness.paired_attacks(seeded_cells, list(settings.headline_attacks))
+    display(paired)
+    plots.save_table(paired, "05_headline_attacks_paired", figures_dir,
+                     "Each model under every headline attack",
+                     "Steps: the step an attack un-aligned the model at (200+: held the budget); frozen steps: how "
+                     "many steps it began with every group's rewards equal.")
 
 # %% [markdown]
 # ## Worst case over attacks (TamperBench's aggregation)
@@ -264,9 +293,13 @@ if len(headline_cells):
 # weakest cell. Cells of defenses that failed their utility floor are counted beside it.
 
 # %%
-survival_cells = robustness.survival(study, finished_cells)
+matrix_cells = robustness.survival(study, finished_cells)
+survival_cells = pd.concat([matrix_cells, seeded_cells])  # seed 0's headline cells are matrix cells too
+survival_cells = survival_cells.drop_duplicates("run_id") if len(survival_cells) else survival_cells
 worst = robustness.worst_case(survival_cells) if len(survival_cells) else pd.DataFrame()
 display(worst)
 plots.save_table(worst.round(3) if len(worst) else worst, "05_worst_case", figures_dir,
                  "Worst case over attacks, per attacked model",
-                 f"Seed {seed}; every named attack that has finished, on {', '.join(domains)}.")
+                 f"Every named attack that has finished on seed {seed}, and the headline attacks "
+                 f"({', '.join(settings.headline_attacks)}) on seeds "
+                 f"{', '.join(map(str, settings.headline_seeds))}; on {', '.join(domains)}.")

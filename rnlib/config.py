@@ -177,6 +177,7 @@ class RobustnessSettings:
     headline_seeds: tuple[int, ...] = (0, 1, 2)
     headline_targets: tuple[str, ...] = TARGETS  # the models the paper's attack meets on every headline seed
     headline_align_seed: int = 0  # the one aligned model every headline seed defends and attacks
+    headline_attacks: tuple[str, ...] = ("paper",)  # named attacks (ATTACK_VARIANTS) every headline model meets
     cross_domain: bool = True  # defend on one domain, attack the other; and a joint defense
 
 
@@ -227,6 +228,7 @@ _CHOICES = {
     "robustness.targets": TARGETS,
     "robustness.headline_targets": TARGETS,
     "robustness.attacks": tuple(ATTACK_VARIANTS),
+    "robustness.headline_attacks": tuple(ATTACK_VARIANTS),
 }
 
 

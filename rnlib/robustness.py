@@ -154,15 +154,18 @@ def utility(profile: Profile, domains: list[str], seed: int, train_missing: bool
 
 
 def headline(profile: Profile, domain: str, train_missing: bool = True) -> list[tuple[dict, Run]]:
-    """The paper's attack on each headline model (standard, RN and the baselines) for each headline seed.
+    """The headline attacks (`robustness.headline_attacks`: the paper's, and in the cpu profile the strongest adaptive
+    attack found on seed 0) on each headline model (standard, RN and the baselines) for each headline seed.
 
     Every seed starts from one aligned model (seed `robustness.headline_align_seed`), as the paper attacks one
     vendor checkpoint per model: the seeds vary the defense's and the attack's initialisation and sampling.
     """
     aligned_seed = profile.robustness.headline_align_seed
-    return [({"target": target, "domain": domain, "seed": seed, "aligned_seed": aligned_seed},
-             _attack(profile, profile, target, domain, domain, seed, train_missing, aligned_seed))
-            for seed in profile.robustness.headline_seeds for target in profile.robustness.headline_targets]
+    return [({"attack": name, "target": target, "domain": domain, "seed": seed, "aligned_seed": aligned_seed},
+             _attack(profile, with_overrides(profile, ATTACK_VARIANTS[name]), target, domain, domain, seed,
+                     train_missing, aligned_seed))
+            for name in profile.robustness.headline_attacks for seed in profile.robustness.headline_seeds
+            for target in profile.robustness.headline_targets]
 
 
 def headline_summary(finals: pd.DataFrame, answers_per_run: int) -> pd.DataFrame:
@@ -302,9 +305,23 @@ def worst_case(cells: pd.DataFrame, by: str = "target") -> pd.DataFrame:
     for name, group in cells.groupby(by, sort=False):
         broken = group[group["unaligned"]].sort_values("steps")
         harmest = group.sort_values("highest harm").iloc[-1]
-        rows.append({by: name, "attacks": group["attack"].nunique(), "cells": len(group),
+        rows.append({by: name, "attacks": group["attack"].nunique(), "seeds": group["seed"].nunique(),
+                     "cells": len(group),
                      "failed utility floor": int((group["utility floor"] == "failed").sum()),
                      "earliest un-alignment (step)": broken["steps"].iloc[0] if len(broken) else None,
                      "by attack": broken["attack"].iloc[0] if len(broken) else "none within budget",
                      "highest harm": harmest["highest harm"], "highest harm by attack": harmest["attack"]})
     return pd.DataFrame(rows)
+
+
+def paired_attacks(cells: pd.DataFrame, attacks: list[str]) -> pd.DataFrame:
+    """Each (target, domain, seed) model under each of `attacks` side by side (`survival`'s cells): the step it was
+    un-aligned at ("200+": held the budget) and how many steps the attack began frozen, to read how much earlier one
+    attack breaks the same model and whether it skips RN's freeze."""
+    shown = cells.assign(steps=[f"{s}" if u else f"{s}+" for s, u in zip(cells["steps"], cells["unaligned"])])
+    table = shown.pivot_table(index=["target", "domain", "seed", "utility floor"], columns="attack",
+                              values=["steps", "frozen steps"], aggfunc="first")
+    columns = [(value, attack) for value in ("steps", "frozen steps") for attack in attacks if (value, attack) in table]
+    table = table[columns]
+    table.columns = [f"{value}: {attack}" for value, attack in columns]
+    return table.reset_index()

@@ -11,7 +11,8 @@ from rnlib import pipeline, plan, train
 from rnlib.config import ConfigError, load_profile
 
 TINY = ["--set", "robustness.targets=[standard]", "--set", "robustness.attacks=[paper]",
-        "--set", "robustness.headline_seeds=[0]", "--set", "robustness.cross_domain=false"]
+        "--set", "robustness.headline_seeds=[0]", "--set", "robustness.headline_attacks=[paper]",
+        "--set", "robustness.cross_domain=false"]
 
 
 def test_shards_partition_the_cells_in_a_fixed_order():
@@ -48,7 +49,8 @@ def test_a_run_in_training_is_claimed_and_a_second_process_waits_then_reuses_it(
 
 def test_two_shards_of_a_tiny_smoke_matrix_cover_it_exactly_once(runs_root, aligned):
     profile = load_profile("smoke", {"robustness.targets": ["standard"], "robustness.attacks": ["paper"],
-                                     "robustness.headline_seeds": [0], "robustness.cross_domain": False})
+                                     "robustness.headline_seeds": [0], "robustness.headline_attacks": ["paper"],
+                                     "robustness.cross_domain": False})
     cells = plan.cells(plan.requested(profile))
     assert len(cells) >= 3  # the paper's attack on the standard and the RN model, and finetuning
     shards = [subprocess.Popen([sys.executable, "-m", "rnlib", "matrix", "--profile", "smoke", "--shard", f"{i}/2",

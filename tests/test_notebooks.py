@@ -22,7 +22,7 @@ EXPECTED_FIGURES = [
     "04_paper_comparison", "04_survival", "04_mechanism_reward_std", "04_mechanism_zero_variance",
     "04_harm_vs_neutralization",
     "05_robustness_matrix", "05_over_refusal", "05_finetunability", "05_headline_seeds",
-    "05_survival",  # smoke has one domain: no 05_cross_domain
+    "05_survival", "05_entropy_bonus_survival",  # smoke has one domain: no 05_cross_domain
 ]
 
 
@@ -93,6 +93,10 @@ def test_smoke_study_executes_all_notebooks_and_figures_replay_from_its_shipped_
     assert seeds[0] == "domain,target,quantity,seeds,value,low,high,interval" and all(",2," in row for row in seeds[1:])
     survival = pd.read_csv(figures / "05_survival_cells.csv")  # the headline's cells per defense: 2 seeds each
     assert survival.groupby("target")["seed"].nunique().to_dict() == {"defended": 2, "standard": 2}
+    paired = pd.read_csv(figures / "05_headline_attacks_paired.csv")  # smoke's headline attacks, per model and seed
+    assert {"steps: paper", "steps: entropy_bonus"} <= set(paired.columns) and len(paired) == 4
+    worst = pd.read_csv(figures / "05_worst_case.csv").set_index("target")
+    assert worst.loc["standard", "seeds"] == 2 and worst.loc["standard", "attacks"] == 2
     executed = tmp_path / "papermill_runs" / "smoke"
     robustness_outputs = json.dumps([c.get("outputs", []) for c in
                                      nbformat.read(executed / "05_robustness.ipynb", as_version=4).cells])

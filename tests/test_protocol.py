@@ -101,6 +101,21 @@ def test_worst_case_takes_the_strongest_attack():
     assert worst.loc["defended", "failed utility floor"] == 1
 
 
+def test_paired_attacks_show_each_model_under_every_headline_attack_side_by_side():
+    import pandas as pd
+
+    paper = [("defended", "paper", 60, True, 5.4, "passed"), ("defended", "paper", 200, False, 0.5, "passed")]
+    hot = [("defended", "hot_sampling", 10, True, 3.9, "passed"), ("defended", "hot_sampling", 40, True, 4.1, "passed")]
+    cells = pd.concat([_cells(paper), _cells(hot)])  # seeds 0 and 1 under each attack
+    cells["frozen steps"] = [53, 200, 0, 1]
+    table = robustness.paired_attacks(cells, ["paper", "hot_sampling"]).set_index("seed")
+    assert list(table.columns[-4:]) == ["steps: paper", "steps: hot_sampling", "frozen steps: paper",
+                                        "frozen steps: hot_sampling"]
+    assert table.loc[0, "steps: paper"] == "60" and table.loc[0, "steps: hot_sampling"] == "10"
+    assert table.loc[1, "steps: paper"] == "200+"  # held the budget: censored there
+    assert table.loc[0, "frozen steps: paper"] == 53 and table.loc[0, "frozen steps: hot_sampling"] == 0
+
+
 def test_survival_figure_draws_one_curve_per_model(tmp_path):
     from rnlib import plots
 
@@ -130,9 +145,12 @@ def test_every_missing_cell_names_the_command_that_runs_it(tmp_path, monkeypatch
     seed1 = next(m for m in missing if m["seed"] == 1 and m["target"] == "defended")
     assert seed1["command"] == ("python -m rnlib run attack --profile cpu --domain cyber --seed 1 --target defended "
                                 "--aligned-seed 0")
-    baseline = next(m for m in missing if m["seed"] == 2 and m["target"] == "entropy" and "attack" not in m)
-    assert baseline["command"].endswith("--domain cyber --seed 2 --target entropy --aligned-seed 0")  # every defense
-    hot = next(m for m in missing if m.get("attack") == "hot_sampling" and m["target"] == "entropy")
+    headline = [m for m in missing if m["seed"] == 2 and m["target"] == "entropy" and m["domain"] == "cyber"]
+    assert [m["attack"] for m in headline] == ["paper", "hot_sampling"]  # every defense meets both headline attacks
+    assert headline[0]["command"].endswith("--domain cyber --seed 2 --target entropy --aligned-seed 0")
+    assert headline[1]["command"].endswith("--seed 2 --target entropy --aligned-seed 0 --set adaptive.temperature=1.4")
+    hot = next(m for m in missing if m.get("attack") == "hot_sampling" and m["target"] == "entropy"
+               and m["domain"] == "biochem")
     assert hot["command"].endswith("--domain biochem --seed 0 --target entropy --set adaptive.temperature=1.4")
 
 

@@ -202,7 +202,8 @@ def test_planned_runs_name_the_cached_runs_without_training(aligned, defended, a
         [{"target": t, "domain": d} for d in ("biochem", "cyber") for t in others]
     # the headline's seeds all defend and attack the one seed-0 aligned model: seed 1 plans no alignment of its own
     headline = {(labels["target"], run.id.split("-")[-2]): run.path
-                for labels, run in robustness.headline(profile, "cyber", train_missing=False)}
+                for labels, run in robustness.headline(profile, "cyber", train_missing=False)
+                if labels["attack"] == "paper"}
     seed1_defense = train.stage_run(profile, "defend", "cyber", 1, start=aligned.id)
     assert headline[("standard", "s1")] == train.stage_run(profile, "attack", "cyber", 1, start=aligned.id).path
     assert headline[("defended", "s1")] == train.stage_run(profile, "attack", "cyber", 1, start=seed1_defense.id).path
