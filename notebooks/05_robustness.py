@@ -24,10 +24,10 @@
 #   memory only) before the RL attack.
 # * **Transfer**: RN trained on one domain, attacked on the other; and a joint defense on both.
 # * **Seeds**: the headline comparison (the paper's attack, and the strongest adaptive attack, on the standard
-#   model, RN and the baselines) over several seeds, with intervals and survival curves per defense. Every seed starts from one aligned model
-#   (`robustness.headline_align_seed`), as the paper attacks one vendor checkpoint per model, so the spread is that
-#   of the defense's and the attack's initialisation and sampling, not of the stand-in alignment (notebook 01
-#   checks that across seeds).
+#   model, RN and the baselines) over several seeds, with intervals and survival curves per defense. Every seed
+#   starts from one aligned model (`robustness.headline_align_seed`), as the paper attacks one vendor checkpoint
+#   per model, so the spread is that of the defense's and the attack's initialisation and sampling, not of the
+#   stand-in alignment (notebook 01 checks that across seeds).
 #
 # Every cell below is an ordinary cached run; re-running the notebook never retrains what has finished.
 # The whole matrix is many hours on a CPU. With `train_missing = False` the notebook trains nothing: it shows
