@@ -7,7 +7,7 @@ DOMAINS ?=
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup figures study robustness test clean-runs
+.PHONY: setup figures study robustness ship test clean-runs
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null || { echo "make: $(PYTHON) not found; install Python 3.11 or run make PYTHON=python3"; exit 2; }
@@ -41,6 +41,11 @@ study: setup
 robustness: setup
 	$(BIN)/python -m rnlib matrix --profile $(PROFILE) --scope all --shard $(SHARD) $(if $(DOMAINS),--domains $(DOMAINS))
 	$(BIN)/python -m rnlib.notebooks --profile $(PROFILE) --only 05 $(if $(DOMAINS),--domains $(DOMAINS))
+
+# Runs made one by one (`python -m rnlib run ...`) into results/<profile>/: trains nothing, replaces no shipped run;
+# then `make figures` draws from them.
+ship: setup
+	$(BIN)/python -m rnlib.notebooks --profile $(PROFILE) --ship
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -41,7 +41,8 @@ def run_stage(stage: str, profile, domain: str | None, seed: int, target: str, d
     if domain is None:
         raise ConfigError(f"stage '{stage}' needs --domain ({', '.join(profile.domains)})")
     if stage != "attack":
-        return getattr(train, stage)(profile, domain, seed)
+        start = None if aligned_seed is None else train.align(profile, aligned_seed)
+        return getattr(train, stage)(profile, domain, seed, start=start)
     if domain == train.JOINT:
         raise ConfigError("attack one domain at a time; to attack a joint defense use --defended-on joint")
     start = train.target_model(profile, target, defended_on or domain, seed, aligned_seed)
@@ -80,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
                      help="attack: the standard-aligned model, or one defended by RN, sft_refusal or entropy")
     run.add_argument("--defended-on", choices=("biochem", "cyber", "joint"),
                      help="attack: the domain the target was defended on (default: the attacked domain)")
-    run.add_argument("--aligned-seed", type=int, help="attack: the seed of the aligned model the target builds on "
-                     "(default --seed; the headline seeds all start from robustness.headline_align_seed)")
+    run.add_argument("--aligned-seed", type=int, help="the seed of the aligned model a defense (or an attack's "
+                     "target) builds on (default --seed; the headline seeds all start from robustness.headline_align_seed)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. attack.max_steps=20")
     show = commands.add_parser("profile", help="print a resolved profile")
     show.add_argument("name")

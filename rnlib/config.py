@@ -132,6 +132,9 @@ class DefendSettings(GRPOSettings):
     min_steps: int = 20
     benign_fraction: float = 0.25  # share of training prompts that are benign (0 disables the mix)
     target_neutralization: float = 0.9  # share of held-out prompts whose sampled answers all earn one reward
+    # Which answers TRL's KL term (beta) holds to the start model: "all" (TRL's own), or "benign" only, so that the
+    # anchor keeps benign behaviour without slowing the harmful side's move to concise refusals.
+    kl_anchor: str = "all"
 
 
 @dataclass(frozen=True)
@@ -211,11 +214,22 @@ class Profile:
 
     def section_hash(self, *sections: str, extra: dict | None = None) -> str:
         """Hash of the named sections plus stage inputs: the cache key of a stage's run."""
-        payload = {name: self.to_dict()[name] for name in sections} | (extra or {})
+        payload = {name: _without_later_defaults(name, self.to_dict()[name]) for name in sections} | (extra or {})
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+# Settings added after runs were made enter a run's hash only when set away from the behaviour those runs had, so
+# adding one keeps every earlier run's cache key.
+LATER_DEFAULTS = {"defend": {"kl_anchor": "all"}}
+
+
+def _without_later_defaults(section: str, values):
+    later = LATER_DEFAULTS.get(section, {})
+    return {k: v for k, v in values.items() if later.get(k, object()) != v} if later else values
+
+
 _CHOICES = {
+    "defend.kl_anchor": ("all", "benign"),
     "judge.reward.kind": JUDGE_KINDS,
     "judge.eval.kind": JUDGE_KINDS,
     "domains": DOMAINS,

@@ -10,6 +10,8 @@ Two modes, one set of notebooks:
   names the missing and stale ones with the command that refreshes them.
 - default (`make study`): prints the plan (runs to train, runs cached, a time estimate), trains what is missing
   in runs/, executes the notebooks, and copies the finished runs' logs into results/<profile>/.
+- `--ship`: trains nothing and executes no notebook; adds the finished runs of runs/ that results/<profile>/ lacks
+  (runs made one by one with `python -m rnlib run ...`), then `--from-logs` redraws the figures from them.
 Progress lines that the notebooks print (`[rnlib] ...`) are forwarded to the terminal as they happen.
 """
 from __future__ import annotations
@@ -178,18 +180,48 @@ def study(profile_name: str, results: Path | None = None, **options) -> dict[str
         print(f"[rnlib.notebooks] {line}", flush=True)
     timings = execute(profile.name, **options)
     everything = plan.requested(profile)
-    finished = [item.run for item in everything if item.run.finished]
-    for run in finished:  # replaying notebooks read every shipped model's refusal check and eval-judge scores
-        if run.manifest["stage"] in ("align", *train.DEFENSE_STAGES):
-            train.refusal_check(profile, run)
-        if run.manifest["stage"] != "finetune":
-            train.judged_frame(profile, [run])
-    written = pipeline.export(finished, results)
+    _ship(profile, [item.run for item in everything if item.run.finished], results)
     for run in plan.stale(profile, everything, results):
         shutil.rmtree(run.path)
-    size = sum(f.stat().st_size for f in written) / 2**20
-    print(f"[rnlib.notebooks] shipped the logs of {len(finished)} finished runs to {results} ({size:.1f} MiB)")
     return timings
+
+
+def ship(profile_name: str, results: Path | None = None) -> list[str]:
+    """`--ship`: add to results/<profile>/ the finished runs of runs/ that the plan asks for and the shipped logs
+    lack, with the checks the replaying notebooks read; train nothing, and leave every shipped run as it is.
+
+    The way to ship runs made one by one (`python -m rnlib run ...`) into a partial runs/ cache, where
+    `make study` would first retrain every missing run the notebooks read."""
+    from rnlib import plan
+    from rnlib.config import load_profile
+
+    profile = load_profile(profile_name)
+    results = results or pipeline.shipped_root(profile.name)
+    new = [item.run for item in plan.requested(profile)
+           if item.run.finished and not (results / item.run.id / "manifest.json").is_file()]
+    _ship(profile, new, results)
+    return [run.id for run in new]
+
+
+def _ship(profile, runs: list, results: Path) -> None:
+    """Measure what replaying notebooks read of each run (refusal checks, public requests and utility floors of
+    trained models, eval-judge scores), then copy the runs' logs into `results`."""
+    from rnlib import train
+
+    for run in runs:
+        stage = run.manifest["stage"]
+        if stage in ("align", *train.DEFENSE_STAGES):
+            train.refusal_check(profile, run)
+            for domain in (profile.domains if run.manifest["domain"] in (None, train.JOINT)
+                           else [run.manifest["domain"]]):
+                train.public_check(profile, run, domain)
+        if stage in train.DEFENSE_STAGES:
+            train.utility_floor(profile, run)  # with the finetune runs of the model and its start, where finished
+        if stage != "finetune":
+            train.judged_frame(profile, [run])
+    written = pipeline.export(runs, results)
+    size = sum(f.stat().st_size for f in written) / 2**20
+    print(f"[rnlib.notebooks] shipped the logs of {len(runs)} finished runs to {results} ({size:.1f} MiB)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -201,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--domains", nargs="*", help="a subset of the profile's domains (default: all)")
     parser.add_argument("--from-logs", action="store_true",
                         help="make figures: read the shipped logs in results/<profile>/, train nothing")
+    parser.add_argument("--ship", action="store_true",
+                        help="train nothing, run no notebook: add the finished runs of runs/ that the shipped logs lack")
     parser.add_argument("--train-robustness", action="store_true",
                         help="notebook 05 trains its missing runs too (hours on a CPU; make robustness)")
     args = parser.parse_args(argv)
@@ -208,6 +242,10 @@ def main(argv: list[str] | None = None) -> int:
 
     options = {"only": args.only, "domains": args.domains, "train_robustness": args.train_robustness}
     started = time.perf_counter()
+    if args.ship:
+        shipped = ship(args.profile)
+        print("\n".join(f"[rnlib.notebooks] shipped {run_id}" for run_id in shipped) or "[rnlib.notebooks] nothing new")
+        return 0
     try:
         timings = (from_logs if args.from_logs else study)(args.profile, **options)
     except ConfigError as err:

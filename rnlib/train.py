@@ -697,6 +697,25 @@ def _trainer_classes():
     class StudyGRPOTrainer(_CompletionOnlyHead, GRPOTrainer):
         merge_adapter_for_sampling = True
         sampling_dtype = None  # set per stage from `sampling_dtype(profile)`
+        anchored_kinds = None  # e.g. ("benign",): the KL term holds only these answers to the reference
+
+        def _generate_and_score_completions(self, inputs):
+            """With `anchored_kinds`, the reference log-probabilities of every other answer become the policy's
+            own (no gradient): its KL term is then 0 with zero gradient, and the step is TRL's at beta 0 for it."""
+            output = super()._generate_and_score_completions(inputs)
+            if self.anchored_kinds is None or "ref_per_token_logps" not in output:
+                return output
+            free = torch.tensor([row["kind"] not in self.anchored_kinds for row in inputs],
+                                device=output["prompt_ids"].device)
+            if free.any():
+                prompt_ids, completion_ids = output["prompt_ids"][free], output["completion_ids"][free]
+                with torch.no_grad():
+                    policy_logps, _, _ = self._get_per_token_logps_and_entropies(
+                        self.model, torch.cat([prompt_ids, completion_ids], 1),
+                        torch.cat([output["prompt_mask"][free], output["completion_mask"][free]], 1),
+                        completion_ids.size(1))
+                output["ref_per_token_logps"][free] = policy_logps
+            return output
 
         def _generate_single_turn(self, *args, **kwargs):
             if self.use_vllm or not self.merge_adapter_for_sampling:
@@ -742,6 +761,8 @@ def grpo_trainer(profile: Profile, settings, model_dir: str, dataset: list[dict]
         processing_class=tokenizer, peft_config=models.lora_config(profile.lora, grpo=True), callbacks=list(callbacks))
     if hasattr(trainer, "sampling_dtype"):
         trainer.sampling_dtype = sampling_dtype(profile)
+    if getattr(settings, "kl_anchor", "all") != "all":
+        trainer.anchored_kinds = (settings.kl_anchor,)
     return trainer
 
 

@@ -1,5 +1,8 @@
+from pathlib import Path
+
 import pytest
 
+from rnlib import pipeline
 from rnlib.config import ATTACK_VARIANTS, TARGETS, ConfigError, available_profiles, load_profile
 
 
@@ -101,3 +104,17 @@ def test_the_eval_judge_never_changes_what_a_stage_trains_but_the_reward_judge_d
     other_reward = load_profile("smoke", {"judge.reward.kind": "minilm"})
     assert config_hash(base, "attack", "cyber", 0, "x") == config_hash(other_eval, "attack", "cyber", 0, "x")
     assert config_hash(base, "attack", "cyber", 0, "x") != config_hash(other_reward, "attack", "cyber", 0, "x")
+
+
+
+def test_a_setting_added_later_keeps_earlier_cache_keys_until_it_is_set():
+    """`defend.kl_anchor` came after RN's shipped runs: at its default ("all", TRL's behaviour, what those runs did)
+    it stays out of the hash, so their run ids still match; set to "benign" it makes new runs."""
+    profile = load_profile("cpu")
+    results = Path(__file__).resolve().parent.parent / "results" / "cpu"
+    shipped = {run.name.rsplit("-", 1)[1] for run in results.glob("defend-*")}
+    ids = {pipeline.config_hash(profile, "defend", domain, seed, "align-all-smollm2-135m-s0-c26b29897a8e")
+           for domain in profile.domains for seed in (0, 1, 2)}
+    assert profile.defend.kl_anchor == "all" and len(ids) == 6 and ids == shipped
+    anchored = load_profile("cpu", {"defend.kl_anchor": "benign"})
+    assert anchored.section_hash("defend") != profile.section_hash("defend")

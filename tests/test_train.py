@@ -256,3 +256,33 @@ def test_one_grpo_step_under_constant_rewards_has_no_gradient(profile):
     varied = train.one_grpo_step(profile, lambda completions, **_: [len(completion_text(c)) for c in completions])
     assert constant["grad_norm"] == 0 and constant["frac_reward_zero_std"] == 1
     assert varied["grad_norm"] > 0
+
+
+def test_cli_builds_a_headline_seed_defense_on_the_shared_aligned_model(aligned, profile, monkeypatch):
+    """`run defend --seed 2 --aligned-seed 0` (notebook 05's command for a headline seed) must start the defense
+    from the seed-0 aligned model, not train an aligned model of seed 2."""
+    from rnlib.__main__ import run_stage
+
+    calls = []
+    monkeypatch.setattr(train, "defend", lambda profile, domain, seed, start=None: calls.append((seed, start)))
+    monkeypatch.setattr(train, "align", lambda profile, seed: aligned if seed == 0 else pytest.fail("trained align"))
+    run_stage("defend", profile, "cyber", 2, "standard", aligned_seed=0)
+    assert calls == [(2, aligned)]
+
+
+def test_ship_adds_the_finished_runs_the_shipped_logs_lack_and_keeps_the_others(aligned, defended, profile, tmp_path):
+    """`make ship`: runs made one by one reach results/ with the checks the replaying notebooks read; a run
+    already shipped is left as it is, whatever runs/ holds for it."""
+    from rnlib import notebooks
+
+    results = tmp_path / "results"
+    (results / aligned.id).mkdir(parents=True)
+    (results / aligned.id / "manifest.json").write_text('{"kept": true}')
+    shipped = notebooks.ship("smoke", results=results)
+    assert defended.id in shipped and aligned.id not in shipped
+    assert json.loads((results / aligned.id / "manifest.json").read_text()) == {"kept": True}
+    files = {p.name for p in (results / defended.id).iterdir()}
+    assert {"manifest.json", "evals.jsonl", "refusal_check-n2.json", "public_check-cyber-n2.json"} <= files
+    assert "utility_floor" in json.loads((results / defended.id / "manifest.json").read_text())
+    assert not [p for p in files if p.endswith(".safetensors")]
+    assert notebooks.ship("smoke", results=results) == []  # nothing new the second time

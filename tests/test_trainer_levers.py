@@ -147,3 +147,40 @@ def test_sampling_precision_is_fp32_unless_asked_and_auto_follows_the_hardware(m
     monkeypatch.setenv("RN_SAMPLING_DTYPE", "fp8")
     with pytest.raises(ValueError, match="use float32, auto or bfloat16"):
         train.sampling_dtype(cpu)
+
+
+def test_a_benign_only_kl_anchor_leaves_harmful_answers_at_trls_beta_zero():
+    """`defend.kl_anchor: benign`: a harmful answer's KL term is 0 with zero gradient (its step is TRL's at beta 0),
+    a benign answer's reference is TRL's own (the adapter-disabled model)."""
+    profile = load_profile("smoke", {"defend.kl_anchor": "benign", "defend.beta": 0.2})
+    rows = (train.rl_rows(data.take(data.harmful_split("cyber", "defense"), 1), "harmful")
+            + train.rl_rows(data.take(data.benign_split("train"), 1), "benign"))
+    anchored = train.grpo_trainer(profile, profile.defend, models.resolve(profile.model), rows, _length_reward,
+                                  "unused", seed=0, max_steps=1, save_strategy="no")
+    assert anchored.anchored_kinds == ("benign",) and anchored.beta == 0.2
+    anchored.current_gradient_accumulation_steps = anchored.args.gradient_accumulation_steps
+    torch.manual_seed(0)
+    for name, param in anchored.model.named_parameters():
+        if "lora_B" in name:  # a policy away from the reference, so that the KL term is not 0 everywhere
+            param.data.normal_(0, 0.02)
+    prompts = [row for row in anchored.train_dataset for _ in range(anchored.num_generations)]
+    with torch.no_grad():
+        batch = anchored._generate_and_score_completions(prompts)
+    harmful = torch.tensor([row["kind"] == "harmful" for row in prompts])
+    mask = batch["completion_mask"].bool()
+    policy, _ = _logps(anchored, batch)
+    with anchored.model.disable_adapter():
+        reference, _ = _logps(anchored, batch)
+    assert torch.allclose(batch["ref_per_token_logps"][harmful][mask[harmful]], policy[harmful][mask[harmful]],
+                          atol=1e-5)
+    assert torch.equal(batch["ref_per_token_logps"][~harmful][mask[~harmful]], reference[~harmful][mask[~harmful]])
+    assert not torch.allclose(policy[~harmful][mask[~harmful]], reference[~harmful][mask[~harmful]], atol=1e-3)
+
+    only_harmful = {k: v[harmful] if torch.is_tensor(v) and v.dim() and v.size(0) == len(prompts) else v
+                    for k, v in batch.items()}
+    anchored_loss, anchored_grads = _loss_and_grads(anchored, only_harmful)
+    anchored.beta = 0.0
+    free_loss, free_grads = _loss_and_grads(anchored, only_harmful)
+    assert anchored_loss == pytest.approx(free_loss, abs=1e-6)
+    for name, grad in free_grads.items():
+        assert torch.allclose(anchored_grads[name], grad, atol=1e-6), name
