@@ -170,7 +170,7 @@ def from_logs(profile_name: str, results: Path | None = None, **options) -> dict
 
 def study(profile_name: str, results: Path | None = None, **options) -> dict[str, float]:
     """`make study`: print the plan, train what is missing, execute the notebooks, ship the finished runs' logs."""
-    from rnlib import plan, train
+    from rnlib import plan
     from rnlib.config import load_profile
 
     profile = load_profile(profile_name)
