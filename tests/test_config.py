@@ -106,7 +106,6 @@ def test_the_eval_judge_never_changes_what_a_stage_trains_but_the_reward_judge_d
     assert config_hash(base, "attack", "cyber", 0, "x") != config_hash(other_reward, "attack", "cyber", 0, "x")
 
 
-
 def test_a_setting_added_later_keeps_earlier_cache_keys_until_it_is_set():
     """`defend.kl_anchor` came after RN's shipped runs: at its default ("all", TRL's behaviour, what those runs did)
     it stays out of the hash, so their run ids still match; set to "benign" it makes new runs."""
