@@ -214,16 +214,16 @@ class Profile:
 
     def section_hash(self, *sections: str, extra: dict | None = None) -> str:
         """Hash of the named sections plus stage inputs: the cache key of a stage's run."""
-        payload = {name: _without_later_defaults(name, self.to_dict()[name]) for name in sections} | (extra or {})
+        payload = {name: without_later_defaults(name, self.to_dict()[name]) for name in sections} | (extra or {})
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 # Settings added after runs were made enter a run's hash only when set away from the behaviour those runs had, so
-# adding one keeps every earlier run's cache key.
-LATER_DEFAULTS = {"defend": {"kl_anchor": "all"}}
+# adding one keeps every earlier run's cache key. "profile" holds the top-level settings (`pipeline.config_hash`).
+LATER_DEFAULTS = {"defend": {"kl_anchor": "all"}, "profile": {"use_vllm": False}}
 
 
-def _without_later_defaults(section: str, values):
+def without_later_defaults(section: str, values: dict) -> dict:
     later = LATER_DEFAULTS.get(section, {})
     return {k: v for k, v in values.items() if later.get(k, object()) != v} if later else values
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from rnlib import data
-from rnlib.config import DOMAINS
+from rnlib.config import DOMAINS, without_later_defaults
 
 REDACT_AT = 3.0  # completions the judge scores at or above this are stored redacted
 PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "sentence-transformers")
@@ -342,8 +342,8 @@ def find_runs(stage: str | None = None, root: Path | None = None) -> list[Run]:
 
 def config_hash(profile, stage: str, domain: str | None, seed: int, start: str) -> str:
     """Hash of the profile sections a stage reads plus its inputs (`start`: the run it starts from)."""
-    top = {"model": profile.model, "quantize_4bit": profile.quantize_4bit, "bf16": profile.bf16}
-    top |= {"use_vllm": True} if profile.use_vllm else {}  # a different sampler; off keeps earlier hashes
+    top = without_later_defaults("profile", {"model": profile.model, "quantize_4bit": profile.quantize_4bit,
+                                             "bf16": profile.bf16, "use_vllm": profile.use_vllm})
     sections = {"align": ("align", "domains"), "sft_refusal": ("defend", "baselines"),
                 "entropy": ("defend", "baselines"), "finetune": ("finetune",)}.get(stage, (stage,))
     if stage == "attack" and profile.adaptive != type(profile.adaptive)():
