@@ -111,7 +111,7 @@ def test_a_setting_added_later_keeps_earlier_cache_keys_until_it_is_set():
     it stays out of the hash, so their run ids still match; set to "benign" it makes new runs."""
     profile = load_profile("cpu")
     results = Path(__file__).resolve().parent.parent / "results" / "cpu"
-    shipped = {run.name.rsplit("-", 1)[1] for run in results.glob("defend-*")}
+    shipped = {run.name.rsplit("-", 1)[1] for domain in profile.domains for run in results.glob(f"defend-{domain}-*")}
     ids = {pipeline.config_hash(profile, "defend", domain, seed, "align-all-smollm2-135m-s0-c26b29897a8e")
            for domain in profile.domains for seed in (0, 1, 2)}
     assert profile.defend.kl_anchor == "all" and len(ids) == 6 and ids == shipped
