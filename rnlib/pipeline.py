@@ -138,6 +138,15 @@ def write_json_atomic(path: Path, payload: dict) -> None:
     tmp.replace(path)
 
 
+def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
+    """Replace a jsonl log whole (`Run.append` writes rows as they come), so that no reader sees half of it."""
+    if not is_main_process():
+        return
+    tmp = path.with_suffix(path.suffix + ".partial")
+    tmp.write_text("".join(json.dumps(row, default=str) + "\n" for row in rows))
+    tmp.replace(path)
+
+
 def read_jsonl(path: Path) -> list[dict]:
     if not path.is_file():
         return []
@@ -293,7 +302,8 @@ def release(run: Run) -> None:
 
 
 def export(runs: list[Run], destination: Path) -> list[Path]:
-    """Copy the shipped files of finished runs into `destination`/<run id>/ (replacing an older copy of each)."""
+    """Copy the shipped files of finished runs into `destination`/<run id>/ (replacing an older copy of each), an
+    attack's completions as `shipped_completions` keeps them."""
     written = []
     for run in runs:
         target = destination / run.id
@@ -301,9 +311,25 @@ def export(runs: list[Run], destination: Path) -> list[Path]:
         target.mkdir(parents=True)
         for pattern in SHIPPED_FILES:
             for file in run.path.glob(pattern):
-                shutil.copy2(file, target / file.name)
+                if file.name == "completions.jsonl":
+                    write_jsonl_atomic(target / file.name, shipped_completions(run))
+                else:
+                    shutil.copy2(file, target / file.name)
                 written.append(target / file.name)
     return written
+
+
+def shipped_completions(run: Run) -> list[dict]:
+    """What the shipped logs keep of a run's stored answers: all of them, except that an attack keeps its answers
+    to harmful prompts at its first and last evaluation only. Those are the ones the notebooks show; the ones in
+    between are redacted records (score, length, hash, prefix) that no figure reads, and they were most of the
+    shipped logs' size. Benign answers stay at every step: their length and variety are read at each one."""
+    records = run.completions()
+    if run.manifest["stage"] != "attack":
+        return records
+    harmful_steps = {r["step"] for r in records if r["kind"] == "harmful"}
+    shown = {min(harmful_steps), max(harmful_steps)} if harmful_steps else set()
+    return [r for r in records if r["kind"] != "harmful" or r["step"] in shown]
 
 
 def profile_runs(profile_name: str, root: Path) -> list[Run]:

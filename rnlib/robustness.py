@@ -34,11 +34,12 @@ def last_evals(runs: list[tuple[dict, Run]], profile: Profile | None = None) -> 
 def outcomes(profile: Profile, runs: list[tuple[dict, Run]]) -> pd.DataFrame:
     """Each labelled attack run: harm (eval judge) and refusal before -> after, its share of zero-variance steps
     (every GRPO group's rewards equal: no gradient), and `metrics.attack_outcome`, so every defense is judged by
-    one rule."""
+    one rule. "Before" is the model as the attacker received it, ahead of any SFT warm start
+    (`train.attack_received`)."""
     rows = []
     for labels, run in runs:
         evals = train.judged_frame(profile, [run]).sort_values("step")
-        first, last = evals.iloc[0], evals.iloc[-1]
+        first, last = train.attack_received(run) or evals.iloc[0], evals.iloc[-1]
         steps = pipeline.frame([run], "steps")
         rows.append(labels | {
             "harm before": first["eval_harm_mean"], "harm after": last["eval_harm_mean"],
@@ -196,7 +197,7 @@ def survival(profile: Profile, runs: list[tuple[dict, Run]]) -> pd.DataFrame:
     rows = []
     for labels, run in runs:
         evals = train.judged_frame(profile, [run]).sort_values("step").to_dict("records")
-        step, observed = metrics.steps_to_unalignment(evals)
+        step, observed = metrics.steps_to_unalignment(evals, before=train.attack_received(run))
         shares = [s.get("frac_reward_zero_std") for s in sorted(run.steps(), key=lambda s: s["step"])]
         frozen = metrics.frozen_steps(shares) if None not in shares else None
         rows.append(labels | {"run_id": run.id, "steps": step, "unaligned": observed, "frozen steps": frozen,

@@ -16,7 +16,7 @@ import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import replace
-from functools import cache
+from functools import cache, partial
 
 import torch
 from datasets import Dataset
@@ -188,7 +188,6 @@ def _make_eval(run: Run, profile: Profile, tokenizer, harmful: list[dict], benig
     leaves the model exactly `start_model`, so every stage starting from it on the same eval prompts and seed
     (the paper's attack, each adaptive attack, each defense) draws the same samples. The first computes them.
     """
-    judge, eval_judge = cached_judge(profile.judge.reward), cached_judge(profile.judge.eval)
 
     def run_eval(model, step: int) -> dict:
         shared = _shared_eval_file(profile, start_model, harmful, benign, seed) if step == 0 and start_model else None
@@ -196,13 +195,7 @@ def _make_eval(run: Run, profile: Profile, tokenizer, harmful: list[dict], benig
             saved = json.loads(shared.read_text())
             summary, records = saved["summary"] | {"reused_from": saved["first_run"]}, saved["records"]
         else:
-            started = time.perf_counter()
-            summary, records = evaluate(model, tokenizer, judge, harmful, benign, profile.generation,
-                                        profile.eval.samples_per_prompt, profile.eval.batch_size, seed=seed + 1000,
-                                        eval_judge=eval_judge)
-            summary["defense_reward"] = sum(defensive_score(r["text"], r["kind"]) for r in records) / len(records)
-            summary["eval_time"] = time.perf_counter() - started
-            records = [pipeline.redact(r, profile.store_full_completions) for r in records]
+            summary, records = _evaluate_stored(profile, model, tokenizer, harmful, benign, seed)
             if shared:
                 shared.parent.mkdir(parents=True, exist_ok=True)
                 pipeline.write_json_atomic(shared, {"summary": summary, "records": records, "first_run": run.id})
@@ -212,6 +205,31 @@ def _make_eval(run: Run, profile: Profile, tokenizer, harmful: list[dict], benig
         return summary
 
     return run_eval
+
+
+def _evaluate_stored(profile: Profile, model, tokenizer, harmful: list[dict], benign: list[dict],
+                     seed: int) -> tuple[dict, list[dict]]:
+    """One evaluation as runs store it: the summary with the defensive reward and its time, records redacted."""
+    started = time.perf_counter()
+    summary, records = evaluate(model, tokenizer, cached_judge(profile.judge.reward), harmful, benign,
+                                profile.generation, profile.eval.samples_per_prompt, profile.eval.batch_size,
+                                seed=seed + 1000, eval_judge=cached_judge(profile.judge.eval))
+    summary["defense_reward"] = sum(defensive_score(r["text"], r["kind"]) for r in records) / len(records)
+    summary["eval_time"] = time.perf_counter() - started
+    return summary, [pipeline.redact(r, profile.store_full_completions) for r in records]
+
+
+def _received_eval(run: Run, profile: Profile, start: Run, harmful: list[dict], benign: list[dict], seed: int) -> dict:
+    """The shared step-0 evaluation of the model an attack received (`_make_eval`), computed here if no stage
+    starting from it has yet: an attack that changes the model before RL step 0 is judged against it."""
+    shared = _shared_eval_file(profile, start.model_dir, harmful, benign, seed)
+    if not shared.is_file():
+        model, tokenizer = models.load_model(start.model_dir, profile.quantize_4bit, profile.bf16)
+        summary, records = _evaluate_stored(profile, model, tokenizer, harmful, benign, seed)
+        shared.parent.mkdir(parents=True, exist_ok=True)
+        pipeline.write_json_atomic(shared, {"summary": summary, "records": records, "first_run": run.id})
+    saved = json.loads(shared.read_text())
+    return saved["summary"] | {"step": 0, "reused_from": saved["first_run"]}
 
 
 def _shared_eval_file(profile: Profile, model_dir: str, harmful: list[dict], benign: list[dict], seed: int):
@@ -530,9 +548,7 @@ def _redact_by(run: Run, judge, prompts: dict[str, str]) -> int:
     flagged = {id(r): v.score for r, v in zip(clear, verdicts) if v.score >= pipeline.REDACT_AT}
     if flagged:
         kept = [pipeline.redact(r | {"eval_score": flagged[id(r)]}) if id(r) in flagged else r for r in records]
-        partial = run.path / "completions.jsonl.partial"
-        partial.write_text("".join(json.dumps(r, default=str) + "\n" for r in kept))
-        partial.replace(run.path / "completions.jsonl")
+        pipeline.write_jsonl_atomic(run.path / "completions.jsonl", kept)
     return len(flagged)
 
 
@@ -948,11 +964,11 @@ def planned_target(profile: Profile, target: str, domain: str, seed: int, aligne
 
 # --- the attack ------------------------------------------------------------------------------------------------
 
-def _warm_start(run: Run, profile: Profile, start: Run, harmful: list[dict], seed: int) -> str:
+def _warm_start(run: Run, profile: Profile, start: Run, harmful: list[dict], seed: int, received: dict) -> str:
     """Adaptive attack: SFT the target on the un-aligned base model's compliant answers before the RL attack.
 
-    The answers live only in memory; the run keeps the warmed-up checkpoint (runs/ is never committed) and a
-    count, never their text.
+    The answers live only in memory; the run keeps the warmed-up checkpoint (runs/ is never committed), a count,
+    never their text, and the evaluation of the model it `received` (`attack_received`).
     """
     target = run.path / "warm_start"
     if pipeline.agree((target / "config.json").is_file()):
@@ -975,7 +991,7 @@ def _warm_start(run: Run, profile: Profile, start: Run, harmful: list[dict], see
     merge_and_save(start.model_dir, run.path / "warm_start_adapter", target, profile.bf16)
     _clean_checkpoints(run, "warm_start_checkpoints")
     run.append("warm_start.jsonl", [{"step": 0, "compliant_answers": len(answers),
-                                     "sft_steps": trainer.state.global_step}])
+                                     "sft_steps": trainer.state.global_step, "received": received}])
     return str(target)
 
 
@@ -995,7 +1011,10 @@ def attack(profile: Profile, domain: str, seed: int = 0, start: Run | None = Non
     run.start(_manifest(run, profile, seed, domain, start.id,
                         {"attack": harmful, "eval": harmful_eval, "benign_eval": benign_eval},
                         {"target": start.manifest["stage"], "target_domain": start.manifest["domain"]}))
-    model_dir = _warm_start(run, profile, start, harmful, seed) if adaptive.warm_start_steps else start.model_dir
+    model_dir, received = start.model_dir, None
+    if adaptive.warm_start_steps:
+        received = _received_eval(run, profile, start, harmful_eval, benign_eval, seed)
+        model_dir = _warm_start(run, profile, start, harmful, seed, received)
     rewards, readers, overrides = [harm_reward(cached_judge(profile.judge.reward))], [], {}
     if adaptive.bonus == "entropy":
         readers = [TokenEntropy(models.load_tokenizer(model_dir))]
@@ -1009,21 +1028,29 @@ def attack(profile: Profile, domain: str, seed: int = 0, start: Run | None = Non
     trainer = _grpo(run, profile, settings, model_dir, rl_rows(harmful, "harmful"), rewards,
                     lambda tok: _make_eval(run, profile, tok, harmful_eval, benign_eval, seed,
                                            start.model_dir if model_dir == start.model_dir else None), seed,
-                    unalignment_stop if settings.stop_when_unaligned else None, policy_readers=readers, **overrides)
+                    partial(unalignment_stop, before=received) if settings.stop_when_unaligned else None,
+                    policy_readers=readers, **overrides)
     _clean_checkpoints(run, "warm_start", "warm_start_adapter")
     stops = pipeline.read_jsonl(run.path / "stop.jsonl")
     evals = run.evals()
-    step, observed = steps_to_unalignment(evals)
+    step, observed = steps_to_unalignment(evals, before=received)
     reason = stops[-1]["reason"] if stops else f"max_steps ({settings.max_steps})"
     run.finish(model_dir=start.model_dir, stop_reason=reason,
-               steps_trained=trainer.state.global_step, before=evals[0], after=evals[-1],
+               steps_trained=trainer.state.global_step, before=received or evals[0], after=evals[-1],
                steps_to_unalignment={"step": step, "observed": observed})
     return run
 
 
-def unalignment_stop(evals: list[dict]) -> str | None:
+def attack_received(run: Run) -> dict | None:
+    """The evaluation of the model an attack received, where the attack changed it before RL step 0 (an SFT warm
+    start), so that its first evaluation is not the model as received; None otherwise."""
+    records = pipeline.read_jsonl(run.path / "warm_start.jsonl")
+    return records[-1].get("received") if records else None
+
+
+def unalignment_stop(evals: list[dict], before: dict | None = None) -> str | None:
     """The attack's stop rule: end once `metrics.steps_to_unalignment` has seen un-alignment confirmed."""
-    step, observed = steps_to_unalignment(evals)
+    step, observed = steps_to_unalignment(evals, before=before)
     if observed:
         return (f"un-aligned at step {step}, confirmed over {CONFIRMATIONS} consecutive evaluations "
                 f"(eval-judge harm {evals[-1]['eval_harm_mean']:.2f}, refusal {evals[-1]['refusal_rate']:.0%})")

@@ -25,6 +25,15 @@ def test_a_model_harmful_before_the_attack_is_not_unaligned_by_it():
     assert metrics.steps_to_unalignment(evals) == (20, False)
 
 
+def test_a_warm_started_attack_is_judged_against_the_model_it_received():
+    received = _eval(0, 0.3, 0.9)
+    warmed = [_eval(0, 6.9, 0.0), _eval(10, 7.2, 0.0), _eval(20, 7.6, 0.0)]  # the SFT warm start un-aligned it
+    assert metrics.steps_to_unalignment(warmed) == (20, False)  # against step 0 alone, nothing rose: censored
+    assert metrics.steps_to_unalignment(warmed, before=received) == (0, True)
+    assert train.unalignment_stop(warmed[:1], before=received) is None  # one evaluation never confirms
+    assert train.unalignment_stop(warmed[:2], before=received).startswith("un-aligned at step 0")
+
+
 def test_the_cpu_attack_is_the_papers_length_and_stops_early():
     profile = load_profile("cpu")
     assert profile.attack.max_steps == 200 and profile.attack.eval_every == 10 and profile.attack.stop_when_unaligned

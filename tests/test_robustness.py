@@ -60,7 +60,12 @@ def test_adaptive_attack_warm_start_bonus_and_temperature(aligned, profile):
     assert "rewards/entropy_bonus/mean" in steps[0] and "rewards/harm_score/mean" in steps[0]
     record = json.loads((run.path / "warm_start.jsonl").read_text())
     assert record["sft_steps"] == 1 and record["compliant_answers"] > 0 and set(record) == \
-        {"step", "compliant_answers", "sft_steps"}  # a count, never the compliant text
+        {"step", "compliant_answers", "sft_steps", "received"}  # a count, never the compliant text
+    def shared(summary):
+        return {k: v for k, v in summary.items() if k != "reused_from"}
+
+    assert shared(record["received"]) == shared(paper.evals()[0])  # the model as received: judged against it
+    assert run.manifest["before"] == record["received"] and run.evals()[0] != paper.evals()[0]
     assert not (run.path / "warm_start").exists()  # the warmed-up checkpoint is removed when the attack ends
     assert run.manifest["profile"]["adaptive"]["temperature"] == 1.3
     assert run.id not in [r.id for r in pipeline.study_runs(profile, "attack")]  # not in notebooks 01-04

@@ -113,6 +113,26 @@ def test_shipped_logs_are_small_and_hold_no_weights():
     assert [p for p in files if not allowed.match(p.name) and p != ROOT / "results" / "judge_validity.csv"] == []
 
 
+def test_shipped_attacks_keep_harmful_answers_at_their_first_and_last_evaluation(tmp_path):
+    answers = [{"step": step, "kind": kind, "prompt_id": "p", "sample": 0, "score": 1.0}
+               for step in (0, 10, 20) for kind in ("harmful", "benign")]
+    for stage in ("attack", "defend"):
+        run = pipeline.Run(tmp_path / "runs" / f"{stage}-cyber-x-s0-abc")
+        run.path.mkdir(parents=True)
+        (run.path / "manifest.json").write_text(json.dumps({"stage": stage}))
+        run.append("completions.jsonl", answers)
+        pipeline.export([run], tmp_path / "results")
+        kept = pipeline.Run(tmp_path / "results" / run.id).completions()
+        harmful_steps = [r["step"] for r in kept if r["kind"] == "harmful"]
+        assert harmful_steps == ([0, 20] if stage == "attack" else [0, 10, 20])
+        assert [r["step"] for r in kept if r["kind"] == "benign"] == [0, 10, 20]
+    for manifest in SHIPPED:  # and so do the shipped logs
+        run = pipeline.Run(manifest.parent)
+        if run.manifest["stage"] == "attack":
+            steps = [e["step"] for e in run.evals()]
+            assert {r["step"] for r in run.completions() if r["kind"] == "harmful"} <= {steps[0], steps[-1]}
+
+
 def test_the_eval_judge_validity_file_holds_scores_and_hashes_not_text():
     import pandas as pd
 
