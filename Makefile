@@ -47,8 +47,9 @@ robustness: setup
 ship: setup
 	$(BIN)/python -m rnlib.notebooks --profile $(PROFILE) --ship
 
+# The ten slowest tests are listed at the end, so a suite creeping past its time budget shows where.
 test: setup
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=10 $(PYTEST_ARGS)
 
 clean-runs:
 	rm -rf runs
