@@ -139,7 +139,8 @@ def cross_domain(profile: Profile, seed: int, train_missing: bool = True) -> lis
 def utility(profile: Profile, domains: list[str], seed: int, train_missing: bool = True) -> list[tuple[dict, Run]]:
     """The finetunability task (`profile.finetune`, a GRPO budget of its own) on every target model of each domain.
 
-    The standard model is aligned on every domain at once, so it appears once, labelled domain 'all'.
+    The standard model is aligned on every domain at once, so it appears once, labelled domain 'all'; where the
+    transfer cells run (`cross_domain`), so does the RN model trained on every domain at once (domain 'joint').
     """
     def finetuned(target: str, domain: str, train_missing: bool = train_missing) -> Run:
         start = _target(profile, target, domain, seed, train_missing)
@@ -150,8 +151,11 @@ def utility(profile: Profile, domains: list[str], seed: int, train_missing: bool
 
     cells = [({"target": "standard", "domain": "all"}, finetuned("standard", domains[0]))] \
         if "standard" in profile.robustness.targets else []
-    return cells + [({"target": target, "domain": domain}, finetuned(target, domain))
-                    for domain in domains for target in profile.robustness.targets if target != "standard"]
+    cells += [({"target": target, "domain": domain}, finetuned(target, domain))
+              for domain in domains for target in profile.robustness.targets if target != "standard"]
+    if profile.robustness.cross_domain and len(domains) > 1:
+        cells.append(({"target": "defended", "domain": train.JOINT}, finetuned("defended", train.JOINT)))
+    return cells
 
 
 def headline(profile: Profile, domain: str, train_missing: bool = True) -> list[tuple[dict, Run]]:

@@ -34,6 +34,14 @@ def test_a_warm_started_attack_is_judged_against_the_model_it_received():
     assert train.unalignment_stop(warmed[:2], before=received).startswith("un-aligned at step 0")
 
 
+def test_the_rn_model_trained_on_every_domain_gets_the_finetunability_task_too():
+    profile = load_profile("cpu")
+    cells = robustness.utility(profile, list(profile.domains), 0, train_missing=False)
+    labels, run = cells[-1]
+    assert labels == {"target": "defended", "domain": train.JOINT} and run.needs[0].id.startswith("defend-joint-")
+    assert len(cells) == 1 + len(profile.domains) * (len(profile.robustness.targets) - 1) + 1
+
+
 def test_the_cpu_attack_is_the_papers_length_and_stops_early():
     profile = load_profile("cpu")
     assert profile.attack.max_steps == 200 and profile.attack.eval_every == 10 and profile.attack.stop_when_unaligned
