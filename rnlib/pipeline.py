@@ -327,9 +327,9 @@ def shipped_completions(run: Run) -> list[dict]:
     records = run.completions()
     if run.manifest["stage"] != "attack":
         return records
-    harmful_steps = {r["step"] for r in records if r["kind"] == "harmful"}
+    harmful_steps = {r["step"] for r in records if r.get("kind") == "harmful"}
     shown = {min(harmful_steps), max(harmful_steps)} if harmful_steps else set()
-    return [r for r in records if r["kind"] != "harmful" or r["step"] in shown]
+    return [r for r in records if r.get("kind") != "harmful" or r["step"] in shown]
 
 
 def profile_runs(profile_name: str, root: Path) -> list[Run]:
