@@ -142,7 +142,7 @@ def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
     """Replace a jsonl log whole (`Run.append` writes rows as they come), so that no reader sees half of it."""
     if not is_main_process():
         return
-    tmp = path.with_suffix(path.suffix + ".partial")
+    tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text("".join(json.dumps(row, default=str) + "\n" for row in rows))
     tmp.replace(path)
 
@@ -230,10 +230,7 @@ class Run:
         if not is_main_process():
             return
         for name in ("steps.jsonl", "evals.jsonl", "completions.jsonl", "stop.jsonl"):
-            rows = [r for r in read_jsonl(self.path / name) if r["step"] <= step]
-            tmp = self.path / f"{name}.tmp"  # replaced whole: a process reading the log never sees half of it
-            tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in rows))
-            tmp.replace(self.path / name)
+            write_jsonl_atomic(self.path / name, [r for r in read_jsonl(self.path / name) if r["step"] <= step])
 
     def latest_checkpoint(self) -> str | None:
         checkpoints = sorted((self.path / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
