@@ -190,15 +190,13 @@ def _make_eval(run: Run, profile: Profile, tokenizer, harmful: list[dict], benig
     """
 
     def run_eval(model, step: int) -> dict:
-        shared = _shared_eval_file(profile, start_model, harmful, benign, seed) if step == 0 and start_model else None
-        if shared and shared.is_file():
-            saved = json.loads(shared.read_text())
-            summary, records = saved["summary"] | {"reused_from": saved["first_run"]}, saved["records"]
+        def compute():
+            return _evaluate_stored(profile, model, tokenizer, harmful, benign, seed)
+
+        if step == 0 and start_model:
+            summary, records = _shared_eval(run, profile, start_model, harmful, benign, seed, compute)
         else:
-            summary, records = _evaluate_stored(profile, model, tokenizer, harmful, benign, seed)
-            if shared:
-                shared.parent.mkdir(parents=True, exist_ok=True)
-                pipeline.write_json_atomic(shared, {"summary": summary, "records": records, "first_run": run.id})
+            summary, records = compute()
         summary = summary | {"step": step}
         run.append("evals.jsonl", [summary])
         run.append("completions.jsonl", [r | {"step": step} for r in records])
@@ -222,14 +220,25 @@ def _evaluate_stored(profile: Profile, model, tokenizer, harmful: list[dict], be
 def _received_eval(run: Run, profile: Profile, start: Run, harmful: list[dict], benign: list[dict], seed: int) -> dict:
     """The shared step-0 evaluation of the model an attack received (`_make_eval`), computed here if no stage
     starting from it has yet: an attack that changes the model before RL step 0 is judged against it."""
-    shared = _shared_eval_file(profile, start.model_dir, harmful, benign, seed)
-    if not shared.is_file():
+    def compute():
         model, tokenizer = models.load_model(start.model_dir, profile.quantize_4bit, profile.bf16)
-        summary, records = _evaluate_stored(profile, model, tokenizer, harmful, benign, seed)
-        shared.parent.mkdir(parents=True, exist_ok=True)
-        pipeline.write_json_atomic(shared, {"summary": summary, "records": records, "first_run": run.id})
-    saved = json.loads(shared.read_text())
-    return saved["summary"] | {"step": 0, "reused_from": saved["first_run"]}
+        return _evaluate_stored(profile, model, tokenizer, harmful, benign, seed)
+
+    return _shared_eval(run, profile, start.model_dir, harmful, benign, seed, compute)[0] | {"step": 0}
+
+
+def _shared_eval(run: Run, profile: Profile, model_dir: str, harmful: list[dict], benign: list[dict], seed: int,
+                 compute) -> tuple[dict, list[dict]]:
+    """The step-0 evaluation of `model_dir` that every stage starting from it shares: read back (marked with the
+    run that first computed it) if one has, else `compute()`d and written for the next."""
+    shared = _shared_eval_file(profile, model_dir, harmful, benign, seed)
+    if shared.is_file():
+        saved = json.loads(shared.read_text())
+        return saved["summary"] | {"reused_from": saved["first_run"]}, saved["records"]
+    summary, records = compute()
+    shared.parent.mkdir(parents=True, exist_ok=True)
+    pipeline.write_json_atomic(shared, {"summary": summary, "records": records, "first_run": run.id})
+    return summary, records
 
 
 def _shared_eval_file(profile: Profile, model_dir: str, harmful: list[dict], benign: list[dict], seed: int):
