@@ -171,10 +171,15 @@ if finetuned:
     before = {run.id: run.manifest["before"]["accuracy"] for _, run in finetuned}
     utility["accuracy before"] = utility["run_id"].map(before)
     utility["model"] = [t if d == "all" else f"{t} ({d})" for t, d in zip(utility["target"], utility["domain"])]
-    accuracy = utility[["model", "accuracy before", "accuracy"]].rename(columns={"accuracy": "accuracy after"})
+    refused = {run.id: run.manifest["before"].get("refusal") for _, run in finetuned}  # recorded by newer runs
+    utility["greedy refusal before"] = utility["run_id"].map(refused)
+    recorded = any(value is not None for value in refused.values())
+    shown = ["model", "accuracy before", "accuracy"] + (["greedy refusal before"] if recorded else [])
+    accuracy = utility[shown].rename(columns={"accuracy": "accuracy after"})
     display(accuracy.round(3))
     plots.save_table(accuracy.round(3), "05_finetunability", figures_dir, "Finetunability: a benign task under GRPO",
-                     f"Greedy held-out arithmetic accuracy before and after {study.finetune.max_steps} GRPO steps.")
+                     f"Greedy held-out arithmetic accuracy before and after {study.finetune.max_steps} GRPO steps; "
+                     "where recorded, the share of greedy answers that refuse the sum before training.")
     long = utility.melt(id_vars="model", value_vars=["accuracy before", "accuracy"], var_name="when", value_name="acc")
     fig, ax = plots.plt.subplots(figsize=(1.3 * len(utility) + 2.5, 3.4))
     plots.sns.barplot(data=long.replace({"accuracy": "accuracy after"}), x="model", y="acc", hue="when", ax=ax)
@@ -183,6 +188,30 @@ if finetuned:
     gains = ", ".join(f"{m} {b:.2f} -> {a:.2f}" for m, b, a in
                       zip(utility["model"], utility["accuracy before"], utility["accuracy"]))
     display(Markdown(f"Held-out accuracy before -> after the benign GRPO budget: {gains}."))
+
+# %% [markdown]
+# ### Does a model refuse the task itself?
+# A sum the model refuses earns no reward, so its finetune run learns only from the sums it answers: a model that
+# refuses most of them shows no gain whatever its defense does to RL. `train.task_check` samples the aligned model's
+# answers to the held-out sums (8 per sum on cpu) in five wordings, the finetune task's among them
+# (`finetune.task_wording`), and scores greedy answers as the finetune run does. Refusing one wording of simple
+# arithmetic and not another is the alignment generalising from the wording of its benign set, not from what is
+# asked.
+
+# %%
+aligned = [(labels, run) for labels, run in robustness.finished(robustness.targets(study, domains, seed,
+                                                                                   train_missing))[0]
+           if labels["target"] == "standard"][:1]
+if aligned:
+    task = train.task_checks(study, [({"model": "aligned"}, run) for _, run in aligned])
+    task["finetune task's"] = task["prompt"] == study.finetune.task_wording
+    columns = ["wording", "prompt", "finetune task's", "refusal rate", "refusal low", "refusal high", "greedy refusal",
+               "greedy accuracy"]
+    plots.save_table(task[columns].round(3), "05_task_refusal", figures_dir,
+                     "The aligned model's refusal of the finetunability task's sums, by wording",
+                     f"Seed {seed}; {study.checks.samples_per_prompt} sampled answers per held-out sum (rate with its "
+                     "Wilson 95% interval) and one greedy answer; `{a} {op} {b}` stands for each sum.")
+    display(task[columns].round(3))
 
 # %% [markdown]
 # ## Transfer: RN trained on one domain (or both), attacked on each domain

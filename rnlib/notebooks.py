@@ -215,6 +215,8 @@ def _ship(profile, runs: list, results: Path) -> None:
             for domain in (profile.domains if run.manifest["domain"] in (None, train.JOINT)
                            else [run.manifest["domain"]]):
                 train.public_check(profile, run, domain)
+        if stage == "align":
+            train.task_check(profile, run)
         if stage in train.DEFENSE_STAGES:
             train.utility_floor(profile, run)  # with the finetune runs of the model and its start, where finished
         if stage != "finetune":

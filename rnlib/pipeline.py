@@ -32,7 +32,8 @@ PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "b
 ROOT = Path(__file__).resolve().parent.parent
 # What a shipped run keeps: its logs and the refusal checks made on its model. No adapter, model or checkpoint.
 SHIPPED_FILES = ("manifest.json", "steps.jsonl", "evals.jsonl", "completions.jsonl", "stop.jsonl",
-                 "warm_start.jsonl", "refusal_check-*.json", "public_check-*.json", "rescore-*.json")
+                 "warm_start.jsonl", "refusal_check-*.json", "public_check-*.json", "task_check-*.json",
+                 "rescore-*.json")
 EVAL_FIELDS = ("eval_judge", "eval_harm_mean", "eval_harm_std", "eval_harmful_rate", "hacking_gap")
 
 

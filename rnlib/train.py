@@ -418,6 +418,51 @@ def public_check(profile: Profile, run: Run, domain: str, samples: int | None = 
     return check
 
 
+def task_check(profile: Profile, run: Run, samples: int | None = None) -> dict:
+    """Does a trained model refuse the finetunability task itself, and does the wording matter?
+
+    For each of `data.TASK_WORDINGS` of the task's held-out sums: the refusal share of `samples` sampled answers per
+    sum (Wilson interval), and the refusal share and accuracy of greedy answers (as the finetune run evaluates).
+    A model that refuses the sums earns no reward variance on them, so its finetune run learns nothing whatever its
+    defense does; an aligned model that refuses one wording and not another has learnt the wording, not the task.
+    Measured once and kept in the run directory (`task_check-n<samples>.json`)."""
+    samples = samples or profile.checks.samples_per_prompt
+    file = run.path / f"task_check-n{samples}.json"
+    if file.is_file():
+        return json.loads(file.read_text())
+    pipeline.require_training(run, f"the finetunability-task check of {run.id}")
+    if run.manifest["stage"] not in ("align", *DEFENSE_STAGES):
+        raise ValueError(f"a task check measures a trained model; {run.id} is an attack or finetune run")
+    model, tokenizer = models.load_model(run.model_dir, profile.quantize_4bit, profile.bf16)
+    tokens, seed = profile.generation.max_new_tokens, run.manifest["seed"] + 4000
+    check = {"samples_per_prompt": samples, "seed": seed, "wordings": {}}
+    for name, wording in data.TASK_WORDINGS.items():
+        rows = data.arithmetic("eval", wording)
+        prompts = data.prompts(rows)
+        sampled = models.generate(model, tokenizer, prompts, max_new_tokens=tokens,
+                                  temperature=profile.generation.temperature, top_p=profile.generation.top_p,
+                                  num_return_sequences=samples, batch_size=profile.eval.batch_size, seed=seed)
+        greedy = models.generate(model, tokenizer, prompts, max_new_tokens=tokens, temperature=0,
+                                 batch_size=profile.eval.batch_size)
+        correct = [arithmetic_answer(a, r["operands"]) == r["answer"] for a, r in zip(greedy, rows)]
+        check["wordings"][name] = {
+            "wording": wording, "sampled_refusal": rate_with_interval(sum(map(is_refusal, sampled)), len(sampled)),
+            "greedy_refusal": sum(map(is_refusal, greedy)) / len(greedy), "greedy_accuracy": sum(correct) / len(rows)}
+    pipeline.write_json_atomic(file, check)
+    return check
+
+
+def task_checks(profile: Profile, labelled: list[tuple[dict, Run]]):
+    """One row per labelled model and wording of the finetunability task (`task_check`)."""
+    import pandas as pd
+
+    return pd.DataFrame([labels | {"wording": name, "prompt": result["wording"]}
+                         | {f"refusal {key}": result["sampled_refusal"][key] for key in ("rate", "low", "high", "n")}
+                         | {"greedy refusal": result["greedy_refusal"], "greedy accuracy": result["greedy_accuracy"]}
+                         for labels, run in labelled
+                         for name, result in task_check(profile, run)["wordings"].items()])
+
+
 def refusal_checks(profile: Profile, labelled: list[tuple[dict, Run]]):
     """One row per labelled model run: its refusal check, flattened ("benign rate", "benign low", ...)."""
     import pandas as pd
@@ -1079,7 +1124,7 @@ def finetune(profile: Profile, start: Run, seed: int = 0) -> Run:
     run = stage_run(profile, "finetune", None, seed, start=start.id)
     if _reused(run, profile):
         return run
-    train_rows, eval_rows = data.arithmetic("train"), data.arithmetic("eval")
+    train_rows, eval_rows = (data.arithmetic(split, settings.task_wording) for split in ("train", "eval"))
     run.start(_manifest(run, profile, seed, None, start.id, {"train": train_rows, "eval": eval_rows},
                         {"target": start.manifest["stage"], "target_domain": start.manifest["domain"]}))
 
@@ -1089,7 +1134,8 @@ def finetune(profile: Profile, start: Run, seed: int = 0) -> Run:
                                       max_new_tokens=profile.generation.max_new_tokens,
                                       batch_size=profile.eval.batch_size)
             correct = [arithmetic_answer(a, r["operands"]) == r["answer"] for a, r in zip(answers, eval_rows)]
-            summary = {"step": step, "accuracy": sum(correct) / len(correct)}
+            summary = {"step": step, "accuracy": sum(correct) / len(correct),
+                       "refusal": sum(map(is_refusal, answers)) / len(answers)}  # a refused sum earns no reward
             run.append("evals.jsonl", [summary])
             return summary
 

@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -117,3 +118,23 @@ def test_a_setting_added_later_keeps_earlier_cache_keys_until_it_is_set():
     assert profile.defend.kl_anchor == "all" and len(ids) == 6 and ids == shipped
     anchored = load_profile("cpu", {"defend.kl_anchor": "benign"})
     assert anchored.section_hash("defend") != profile.section_hash("defend")
+
+
+def test_the_finetunability_task_wording_keeps_the_shipped_finetune_runs_until_it_is_set():
+    """`finetune.task_wording` came after the shipped finetune runs: at its default their ids still match; another
+    wording makes new finetune runs and leaves every other stage's runs as they are."""
+    from rnlib import data
+
+    profile, start = load_profile("cpu"), "align-all-smollm2-135m-s0-c26b29897a8e"
+    results = Path(__file__).resolve().parent.parent / "results" / "cpu"
+    shipped = {json.loads(path.read_text())["start_model"]: path.parent.name.rsplit("-", 1)[1]
+               for path in results.glob("finetune-*/manifest.json")}
+    assert shipped[start] == pipeline.config_hash(profile, "finetune", None, 0, start)
+    reworded = load_profile("cpu", {"finetune.task_wording": "Calculate {a} {op} {b}."})
+    assert pipeline.config_hash(reworded, "finetune", None, 0, start) != shipped[start]
+    for stage, domain in (("align", None), ("defend", "cyber"), ("entropy", "biochem"), ("attack", "cyber")):
+        assert pipeline.config_hash(reworded, stage, domain, 0, start) == \
+            pipeline.config_hash(profile, stage, domain, 0, start)
+    assert data.arithmetic("eval", reworded.finetune.task_wording)[0]["prompt"].startswith("Calculate ")
+    with pytest.raises(data.DataError, match="finetune.task_wording"):
+        data.arithmetic("eval", "Calculate {a} plus {b}.")

@@ -87,6 +87,8 @@ def test_smoke_study_executes_all_notebooks_and_figures_replay_from_its_shipped_
     assert "StrongREJECT" in public and "AdvBench" in public and "own eval split" in public
     floor = (figures / "02_utility_floor.csv").read_text()
     assert "benign refusal" in floor and "finetunability / standard" in floor
+    task = pd.read_csv(figures / "05_task_refusal.csv")  # the aligned model on each wording of the finetunability task
+    assert len(task) == 5 and task["refusal rate"].between(0, 1).all() and task["prompt"].str.contains("{a}").all()
     matrix = (figures / "05_robustness_matrix.csv").read_text()
     assert "entropy_bonus" in matrix and "sft_refusal" in matrix
     seeds = (figures / "05_headline_seeds.csv").read_text().splitlines()

@@ -78,6 +78,7 @@ def test_finetunability_task_records_accuracy_before_and_after(aligned, profile)
     assert manifest["status"] == "finished" and manifest["target"] == "align"
     assert [e["step"] for e in run.evals()] == list(range(0, profile.attack.max_steps + 1, profile.attack.eval_every))
     assert 0 <= manifest["before"]["accuracy"] <= 1 and 0 <= manifest["after"]["accuracy"] <= 1
+    assert all(0 <= e["refusal"] <= 1 for e in run.evals())  # a refused sum earns no reward: kept beside accuracy
     assert "rewards/exact_answer_reward/mean" in run.steps()[0]
 
 

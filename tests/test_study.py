@@ -109,7 +109,8 @@ def test_shipped_logs_are_small_and_hold_no_weights():
     files = [p for p in (ROOT / "results").rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in files) <= 20 * 2**20
     allowed = re.compile(r"^(manifest\.json|steps\.jsonl|evals\.jsonl|completions\.jsonl|stop\.jsonl|"
-                         r"warm_start\.jsonl|refusal_check-n\d+\.json|public_check-\w+-n\d+\.json|rescore-\w+\.json)$")
+                         r"warm_start\.jsonl|refusal_check-n\d+\.json|public_check-\w+-n\d+\.json|task_check-n\d+\.json|"
+                         r"rescore-\w+\.json)$")
     assert [p for p in files if not allowed.match(p.name) and p != ROOT / "results" / "judge_validity.csv"] == []
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from rnlib import pipeline, train
+from rnlib import data, pipeline, train
 from rnlib.config import load_profile
 
 pytestmark = pytest.mark.slow
@@ -181,6 +181,31 @@ def test_refusal_check_samples_every_prompt_several_times_and_is_measured_once(a
         (aligned.path / "refusal_check-n3.json").read_text())
     with pytest.raises(ValueError, match="trained model"):
         train.refusal_check(profile, attacked, samples=3)
+
+
+def test_task_check_counts_refusals_of_each_wording_of_the_finetunability_task(aligned, attacked, profile,
+                                                                                monkeypatch):
+    """Canned answers: the model refuses every homework-worded sum and answers 42 to the rest."""
+    def canned(model, tokenizer, prompts, num_return_sequences=1, **kwargs):
+        return ["I can't help with that." if "homework" in p else "42" for p in prompts
+                for _ in range(num_return_sequences)]
+
+    monkeypatch.setattr(train.models, "generate", canned)
+    check = train.task_check(profile, aligned, samples=3)
+    sums = data.arithmetic("eval")
+    assert data.arithmetic("eval", profile.finetune.task_wording) == sums and sums[0]["prompt"].endswith("the number.")
+    assert set(check["wordings"]) == set(data.TASK_WORDINGS)
+    for name, result in check["wordings"].items():
+        refused = name == "homework"
+        assert result["sampled_refusal"]["n"] == 3 * len(sums) and result["sampled_refusal"]["rate"] == refused
+        assert result["greedy_refusal"] == refused
+        assert result["greedy_accuracy"] == (0 if refused else sum(r["answer"] == 42 for r in sums) / len(sums))
+    monkeypatch.setattr(train.models, "generate", lambda *a, **k: pytest.fail("measured twice"))
+    assert train.task_check(profile, aligned, samples=3) == check  # kept in the run directory
+    table = train.task_checks(load_profile("smoke", {"checks.samples_per_prompt": 3}), [({"model": "aligned"}, aligned)])
+    assert list(table["wording"]) == list(data.TASK_WORDINGS) and set(table["refusal n"]) == {3 * len(sums)}
+    with pytest.raises(ValueError, match="task check measures a trained model"):
+        train.task_check(profile, attacked, samples=5)
 
 
 def test_planned_runs_name_the_cached_runs_without_training(aligned, defended, attacked, profile, monkeypatch):
