@@ -459,8 +459,8 @@ def task_checks(profile: Profile, labelled: list[tuple[dict, Run]]):
     return pd.DataFrame([labels | {"wording": name, "prompt": result["wording"]}
                          | {f"refusal {key}": result["sampled_refusal"][key] for key in ("rate", "low", "high", "n")}
                          | {"greedy refusal": result["greedy_refusal"], "greedy accuracy": result["greedy_accuracy"]}
-                         for labels, run in labelled
-                         for name, result in task_check(profile, run)["wordings"].items()])
+                         for labels, run in labelled for check in [task_check(profile, run)]
+                         for name in data.TASK_WORDINGS for result in [check["wordings"][name]]])
 
 
 def refusal_checks(profile: Profile, labelled: list[tuple[dict, Run]]):
