@@ -23,6 +23,7 @@ import multiprocessing
 import os
 import shutil
 import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -68,6 +69,32 @@ def _environment(**values: str):
                 os.environ[key] = value
 
 
+def _kernel_manager_class():
+    """Where the OS has IPC sockets, each notebook's kernel talks to papermill over sockets in a directory of its own.
+    Over TCP (jupyter_client's default) two notebooks started side by side can be handed the same free port, and
+    one kernel then never answers ("Kernel didn't respond in 60 seconds")."""
+    from jupyter_client import AsyncKernelManager
+    from traitlets import CaselessStrEnum
+
+    if os.name != "posix":
+        return AsyncKernelManager
+
+    class PrivateIPCKernelManager(AsyncKernelManager):
+        transport = CaselessStrEnum(["tcp", "ipc"], default_value="ipc", config=True)
+
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.socket_dir = tempfile.mkdtemp(prefix="rnlib-kernel-")
+            self.ip = os.path.join(self.socket_dir, "ipc")
+
+        async def _async_cleanup_resources(self, restart: bool = False) -> None:
+            await super()._async_cleanup_resources(restart)
+            if not restart:
+                shutil.rmtree(self.socket_dir, ignore_errors=True)
+
+    return PrivateIPCKernelManager
+
+
 def _execute_one(source: Path, output: Path, parameters: dict) -> float:
     """Execute one notebook (in this process); return its wall seconds."""
     import jupytext
@@ -76,7 +103,8 @@ def _execute_one(source: Path, output: Path, parameters: dict) -> float:
     started = time.perf_counter()
     print(f"[rnlib.notebooks] {source.stem} ...", flush=True)
     papermill.execute_notebook(jupytext.read(source), str(output), parameters=parameters, kernel_name="python3",
-                               cwd=str(ROOT), progress_bar=False, stdout_file=_ProgressLines())
+                               cwd=str(ROOT), progress_bar=False, stdout_file=_ProgressLines(),
+                               kernel_manager_class=_kernel_manager_class())
     seconds = round(time.perf_counter() - started, 1)
     print(f"[rnlib.notebooks] {source.stem} done in {seconds:.0f} s", flush=True)
     return seconds

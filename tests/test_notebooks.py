@@ -57,6 +57,18 @@ def test_committed_executed_notebooks_match_their_sources(executed):
         f"{executed} is stale: re-run make figures"
 
 
+def test_notebook_kernels_talk_over_sockets_of_their_own():
+    """Over TCP, two notebooks started side by side can be handed one free port and a kernel never answers."""
+    import asyncio
+
+    first, second = (notebooks._kernel_manager_class()(kernel_name="python3") for _ in range(2))
+    assert first.transport == second.transport == "ipc"
+    assert Path(first.ip).parent.is_dir() and Path(first.ip).parent != Path(second.ip).parent
+    for manager in (first, second):
+        asyncio.run(manager._async_cleanup_resources())
+        assert not Path(manager.ip).parent.exists()
+
+
 @pytest.mark.slow
 def test_robustness_notebook_can_report_finished_runs_only(tmp_path, monkeypatch):
     empty = tmp_path / "runs"
