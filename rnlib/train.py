@@ -418,6 +418,13 @@ def public_check(profile: Profile, run: Run, domain: str, samples: int | None = 
     return check
 
 
+def task_scores(answers: list[str], rows: list[dict]) -> dict:
+    """Greedy answers to the finetunability task's sums (`data.arithmetic` rows): their accuracy, and the share that
+    refuse, since a refused sum earns no reward. The finetune run's evaluations and `task_check` score alike."""
+    correct = [arithmetic_answer(a, r["operands"]) == r["answer"] for a, r in zip(answers, rows)]
+    return {"accuracy": sum(correct) / len(rows), "refusal": sum(map(is_refusal, answers)) / len(answers)}
+
+
 def task_check(profile: Profile, run: Run, samples: int | None = None) -> dict:
     """Does a trained model refuse the finetunability task itself, and does the wording matter?
 
@@ -444,10 +451,10 @@ def task_check(profile: Profile, run: Run, samples: int | None = None) -> dict:
                                   num_return_sequences=samples, batch_size=profile.eval.batch_size, seed=seed)
         greedy = models.generate(model, tokenizer, prompts, max_new_tokens=tokens, temperature=0,
                                  batch_size=profile.eval.batch_size)
-        correct = [arithmetic_answer(a, r["operands"]) == r["answer"] for a, r in zip(greedy, rows)]
+        scores = task_scores(greedy, rows)
         check["wordings"][name] = {
             "wording": wording, "sampled_refusal": rate_with_interval(sum(map(is_refusal, sampled)), len(sampled)),
-            "greedy_refusal": sum(map(is_refusal, greedy)) / len(greedy), "greedy_accuracy": sum(correct) / len(rows)}
+            "greedy_refusal": scores["refusal"], "greedy_accuracy": scores["accuracy"]}
     pipeline.write_json_atomic(file, check)
     return check
 
@@ -1133,9 +1140,7 @@ def finetune(profile: Profile, start: Run, seed: int = 0) -> Run:
             answers = models.generate(model, tokenizer, data.prompts(eval_rows), temperature=0,
                                       max_new_tokens=profile.generation.max_new_tokens,
                                       batch_size=profile.eval.batch_size)
-            correct = [arithmetic_answer(a, r["operands"]) == r["answer"] for a, r in zip(answers, eval_rows)]
-            summary = {"step": step, "accuracy": sum(correct) / len(correct),
-                       "refusal": sum(map(is_refusal, answers)) / len(answers)}  # a refused sum earns no reward
+            summary = {"step": step} | task_scores(answers, eval_rows)
             run.append("evals.jsonl", [summary])
             return summary
 
