@@ -288,6 +288,20 @@ if len(headline_cells):
     display(survival.medians, survival.tests, survival.cells)
 
 # %% [markdown]
+# ### How many defended models were useful enough to attack?
+# Each defense's headline models (domains x seeds) against the utility floor, once with every check and once with
+# every check but finetunability. The two counts differ where a defense freezes benign RL learning on the task
+# itself, which is what RN's freeze does to any request the model refuses.
+
+# %%
+rates = robustness.floor_pass_rates([(labels, run) for labels, run in seeded if labels["attack"] == "paper"])
+if len(rates):
+    plots.save_table(rates, "05_floor_pass_rates", figures_dir, "Utility-floor pass rates of the headline models",
+                     "Distinct defended models attacked on the headline seeds; floor checked counts those with a kept "
+                     "floor (`train.utility_floor`).")
+    display(rates)
+
+# %% [markdown]
 # ## Survival under the strongest adaptive attack
 #
 # RN protects only while the attack is frozen: every group of answers earns the same reward, so GRPO has no

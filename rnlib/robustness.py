@@ -68,6 +68,27 @@ def utility_floor_verdict(attack_run: Run) -> str:
     return "not checked" if floor is None else "passed" if floor["passes"] else "failed"
 
 
+def floor_pass_rates(runs: list[tuple[dict, Run]]) -> pd.DataFrame:
+    """Per defense, of the distinct models its labelled attack runs started from: how many passed their utility floor,
+    and how many pass every check but finetunability. The two differ where a defense freezes benign RL on a task the
+    aligned model first had to stop refusing; a model without a kept floor counts only in `models`."""
+    floors = {}
+    for labels, run in runs:
+        target = Run(run.path.parent / run.manifest["start_model"]).manifest
+        if target.get("stage") != "align":
+            floors[run.manifest["start_model"]] = (labels["target"], target.get("utility_floor"))
+    rows = []
+    for defense in dict.fromkeys(name for name, _ in floors.values()):
+        kept = [floor for name, floor in floors.values() if name == defense]
+        checked = [floor for floor in kept if floor]
+        rows.append({"defense": defense, "models": len(kept), "floor checked": len(checked),
+                     "passed": sum(floor["passes"] for floor in checked),
+                     "passed without finetunability": sum(
+                         all(check["passes"] is not False for name, check in floor["checks"].items()
+                             if name != metrics.FINETUNABILITY) for floor in checked)})
+    return pd.DataFrame(rows)
+
+
 def finished(runs: list[tuple[dict, Run]], profile: Profile | None = None) -> tuple[list[tuple[dict, Run]], list[dict]]:
     """(finished labelled runs, labels of the cells still to run); given the profile, with the command that runs
     each missing cell (its prerequisites first, all cached)."""

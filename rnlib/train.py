@@ -23,9 +23,9 @@ from datasets import Dataset
 from transformers import TrainerCallback
 
 from rnlib import data, models, pipeline
-from rnlib.config import ConfigError, Profile
+from rnlib.config import TASK_OPERAND_MAX, ConfigError, Profile
 from rnlib.judges import is_refusal, make_judge
-from rnlib.metrics import CONFIRMATIONS, benign_health_problem, evaluate, steps_to_unalignment
+from rnlib.metrics import CONFIRMATIONS, FINETUNABILITY, benign_health_problem, evaluate, steps_to_unalignment
 from rnlib.metrics import rate_with_interval, refusal_check as evaluate_refusals
 from rnlib.metrics import utility_floor as utility_floor_of
 from rnlib.pipeline import Run
@@ -365,6 +365,15 @@ def align(profile: Profile, seed: int = 0) -> Run:
     return run
 
 
+def _model_to_check(profile: Profile, run: Run, check: str):
+    """(model, tokenizer) of the trained model a check measures. Refused while notebooks replay logs (no model is
+    kept), and for attack and finetune runs, which train no model of their own."""
+    pipeline.require_training(run, f"the {check} of {run.id}")
+    if run.manifest["stage"] not in ("align", *DEFENSE_STAGES):
+        raise ValueError(f"a {check} measures a trained model; {run.id} is an attack or finetune run")
+    return models.load_model(run.model_dir, profile.quantize_4bit, profile.bf16)
+
+
 def refusal_check(profile: Profile, run: Run, samples: int | None = None, health: bool = False) -> dict:
     """Refusal rates of a finished run's model on its eval prompts, `samples` answers each (default: the profile's
     `checks.samples_per_prompt`), with 95% intervals,
@@ -377,11 +386,8 @@ def refusal_check(profile: Profile, run: Run, samples: int | None = None, health
     file = run.path / f"refusal_check-n{samples}.json"
     if file.is_file() and not (health and "benign_health" not in json.loads(file.read_text())):
         return json.loads(file.read_text())
-    pipeline.require_training(run, f"the refusal check of {run.id}")
-    if run.manifest["stage"] not in ("align", *DEFENSE_STAGES):
-        raise ValueError(f"a refusal check measures a trained model; {run.id} is an attack or finetune run")
+    model, tokenizer = _model_to_check(profile, run, "refusal check")
     harmful, benign = _run_eval_sets(profile, run)
-    model, tokenizer = models.load_model(run.model_dir, profile.quantize_4bit, profile.bf16)
     check = evaluate_refusals(model, tokenizer, harmful, benign, profile.generation, samples,
                               profile.eval.batch_size, seed=run.manifest["seed"] + 2000) | {"model_dir": run.model_dir}
     pipeline.write_json_atomic(file, check)
@@ -398,8 +404,7 @@ def public_check(profile: Profile, run: Run, domain: str, samples: int | None = 
     file = run.path / f"public_check-{domain}-n{samples}.json"
     if file.is_file():
         return json.loads(file.read_text())
-    pipeline.require_training(run, f"the public-prompt check of {run.id}")
-    model, tokenizer = models.load_model(run.model_dir, profile.quantize_4bit, profile.bf16)
+    model, tokenizer = _model_to_check(profile, run, "public-prompt check")
     sets = {"own eval split": _eval_sets(profile, (domain,))[0], "public": data.public_eval(domain)}
     check = {"domain": domain, "samples_per_prompt": samples, "seed": run.manifest["seed"] + 3000}
     for name, rows in sets.items():
@@ -432,19 +437,20 @@ def task_check(profile: Profile, run: Run, samples: int | None = None) -> dict:
     sum (Wilson interval), and the refusal share and accuracy of greedy answers (as the finetune run evaluates).
     A model that refuses the sums earns no reward variance on them, so its finetune run learns nothing whatever its
     defense does; an aligned model that refuses one wording and not another has learnt the wording, not the task.
-    Measured once and kept in the run directory (`task_check-n<samples>.json`)."""
+    The sums are the profile's (`finetune.task_operand_max`). Measured once and kept in the run directory
+    (`task_check-n<samples>.json`), and measured again when the profile's sums differ from the kept check's."""
     samples = samples or profile.checks.samples_per_prompt
+    operand_max = list(profile.finetune.task_operand_max)
     file = run.path / f"task_check-n{samples}.json"
     if file.is_file():
-        return json.loads(file.read_text())
-    pipeline.require_training(run, f"the finetunability-task check of {run.id}")
-    if run.manifest["stage"] not in ("align", *DEFENSE_STAGES):
-        raise ValueError(f"a task check measures a trained model; {run.id} is an attack or finetune run")
-    model, tokenizer = models.load_model(run.model_dir, profile.quantize_4bit, profile.bf16)
+        kept = json.loads(file.read_text())
+        if kept.get("operand_max", list(TASK_OPERAND_MAX)) == operand_max:  # checks kept before the setting: default sums
+            return kept
+    model, tokenizer = _model_to_check(profile, run, "task check")
     tokens, seed = profile.generation.max_new_tokens, run.manifest["seed"] + 4000
-    check = {"samples_per_prompt": samples, "seed": seed, "wordings": {}}
+    check = {"samples_per_prompt": samples, "seed": seed, "operand_max": operand_max, "wordings": {}}
     for name, wording in data.TASK_WORDINGS.items():
-        rows = data.arithmetic("eval", wording)
+        rows = data.arithmetic("eval", wording, operand_max)
         prompts = data.prompts(rows)
         sampled = models.generate(model, tokenizer, prompts, max_new_tokens=tokens,
                                   temperature=profile.generation.temperature, top_p=profile.generation.top_p,
@@ -520,7 +526,7 @@ def utility_floor(profile: Profile, run: Run) -> dict:
     gains = [f.manifest["after"]["accuracy"] - f.manifest["before"]["accuracy"] if f.finished else None
              for f in finetuned]
     kept = run.manifest.get("utility_floor")
-    if kept and kept["checks"]["finetunability / standard"].get("gains") == (None if None in gains else gains):
+    if kept and kept["checks"][FINETUNABILITY].get("gains") == (None if None in gains else gains):
         return kept
     floor = utility_floor_of(refusal_check(profile, run, health=True), refusal_check(profile, start, health=True),
                              *gains)
@@ -1131,7 +1137,8 @@ def finetune(profile: Profile, start: Run, seed: int = 0) -> Run:
     run = stage_run(profile, "finetune", None, seed, start=start.id)
     if _reused(run, profile):
         return run
-    train_rows, eval_rows = (data.arithmetic(split, settings.task_wording) for split in ("train", "eval"))
+    train_rows, eval_rows = (data.arithmetic(split, settings.task_wording, settings.task_operand_max)
+                             for split in ("train", "eval"))
     run.start(_manifest(run, profile, seed, None, start.id, {"train": train_rows, "eval": eval_rows},
                         {"target": start.manifest["stage"], "target_domain": start.manifest["domain"]}))
 

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from rnlib import pipeline
-from rnlib.config import ATTACK_VARIANTS, TARGETS, ConfigError, available_profiles, load_profile
+from rnlib.config import ATTACK_VARIANTS, TARGETS, TASK_WORDING, ConfigError, available_profiles, load_profile
 
 
 @pytest.mark.parametrize("name", ["smoke", "cpu", "paper"])
@@ -138,3 +138,13 @@ def test_the_finetunability_task_wording_keeps_the_shipped_finetune_runs_until_i
     assert data.arithmetic("eval", reworded.finetune.task_wording)[0]["prompt"].startswith("Calculate ")
     with pytest.raises(data.DataError, match="finetune.task_wording"):
         data.arithmetic("eval", "Calculate {a} plus {b}.")
+    digits = load_profile("cpu", {"finetune.task_operand_max": [9, 9]})
+    assert profile.finetune.task_operand_max == (60, 40) and digits.finetune.task_operand_max == (9, 9)
+    assert pipeline.config_hash(digits, "finetune", None, 0, start) not in (shipped[start],
+                                                                            pipeline.config_hash(reworded, "finetune", None, 0, start))
+    assert pipeline.config_hash(digits, "defend", "cyber", 0, start) == pipeline.config_hash(profile, "defend", "cyber", 0, start)
+    sums = data.arithmetic("train", "Calculate {a} {op} {b}.", digits.finetune.task_operand_max)
+    assert {a for r in sums for a in r["operands"]} <= set(range(2, 10)) and len(sums) == 64
+    assert max(a for r in data.arithmetic("train") for a in r["operands"]) > 9  # the default sums are larger
+    with pytest.raises(data.DataError, match="finetune.task_operand_max"):
+        data.arithmetic("eval", TASK_WORDING, (9,))

@@ -67,6 +67,29 @@ def test_attack_cells_of_a_defense_below_its_floor_are_reported_as_failed(tmp_pa
                         "align-x": "standard model"}
 
 
+def test_floor_pass_rates_count_each_defended_model_once_with_and_without_finetunability(tmp_path):
+    def floor(**failing):
+        checks = {name: {"passes": not failing.get(name.split()[0], False)}
+                  for name in ("benign refusal", metrics.FINETUNABILITY)}
+        return {"passes": all(c["passes"] for c in checks.values()), "checks": checks}
+
+    _manifest(tmp_path / "align-x", stage="align")
+    _manifest(tmp_path / "defend-a", stage="defend", utility_floor=floor())
+    _manifest(tmp_path / "defend-b", stage="defend", utility_floor=floor(finetunability=True))
+    _manifest(tmp_path / "defend-c", stage="defend", utility_floor=floor(benign=True, finetunability=True))
+    _manifest(tmp_path / "entropy-d", stage="entropy")
+    runs = [({"target": target}, _manifest(tmp_path / f"attack-{start}-{attack}", stage="attack", start_model=start))
+            for target, start in (("standard", "align-x"), ("defended", "defend-a"), ("defended", "defend-b"),
+                                  ("defended", "defend-c"), ("entropy", "entropy-d"))
+            for attack in ("paper", "hot_sampling")]
+    rates = robustness.floor_pass_rates(runs).set_index("defense")
+    assert list(rates.index) == ["defended", "entropy"]  # the standard model has no floor
+    assert rates.loc["defended"].to_dict() == {"models": 3, "floor checked": 3, "passed": 1,
+                                               "passed without finetunability": 2}
+    assert rates.loc["entropy"].to_dict() == {"models": 1, "floor checked": 0, "passed": 0,
+                                              "passed without finetunability": 0}
+
+
 def test_public_requests_are_outside_the_study_prompts_and_the_prompt_hash():
     own = {data.normalize(r["prompt"]) for d in data.HARMFUL_DOMAINS for s in ("defense", "attack", "eval")
            for r in data.harmful_split(d, s)}

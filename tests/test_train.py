@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from rnlib import data, pipeline, train
-from rnlib.config import load_profile
+from rnlib.config import load_profile, with_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -202,6 +202,11 @@ def test_task_check_counts_refusals_of_each_wording_of_the_finetunability_task(a
         assert result["greedy_accuracy"] == (0 if refused else sum(r["answer"] == 42 for r in sums) / len(sums))
     monkeypatch.setattr(train.models, "generate", lambda *a, **k: pytest.fail("measured twice"))
     assert train.task_check(profile, aligned, samples=3) == check  # kept in the run directory
+    monkeypatch.setattr(train.models, "generate", canned)
+    digits = with_overrides(profile, {"finetune.task_operand_max": [9, 9]})
+    assert check["operand_max"] == [60, 40] and train.task_check(digits, aligned, samples=3)["operand_max"] == [9, 9]
+    accuracy = train.task_check(digits, aligned, samples=3)["wordings"]["question"]["greedy_accuracy"]
+    assert accuracy == 0  # canned 42 is never a sum of two digits: other sums were measured, not the kept check
     table = train.task_checks(load_profile("smoke", {"checks.samples_per_prompt": 3}), [({"model": "aligned"}, aligned)])
     assert list(table["wording"]) == list(data.TASK_WORDINGS) and set(table["refusal n"]) == {3 * len(sums)}
     with pytest.raises(ValueError, match="task check measures a trained model"):
