@@ -124,7 +124,8 @@ TASK_OPERAND_MAX = (60, 40)
 class FinetuneSettings(GRPOSettings):
     """The finetunability task: a benign GRPO run on short sums with exact answers. Its wording is a setting because
     an aligned model may refuse one wording of the same sums and not another (`train.task_check`); the operands'
-    largest values (a, b) because a small model learns nothing in a short budget from sums it almost never gets right."""
+    largest values (a, b) because a small model learns nothing in a short budget from sums it almost never gets
+    right."""
 
     task_wording: str = TASK_WORDING
     task_operand_max: tuple[int, ...] = TASK_OPERAND_MAX
@@ -235,7 +236,8 @@ class Profile:
 
 # Settings added after runs were made enter a run's hash only when set away from the behaviour those runs had, so
 # adding one keeps every earlier run's cache key. "profile" holds the top-level settings (`pipeline.config_hash`).
-LATER_DEFAULTS = {"defend": {"kl_anchor": "all"}, "finetune": {"task_wording": TASK_WORDING, "task_operand_max": TASK_OPERAND_MAX},
+LATER_DEFAULTS = {"defend": {"kl_anchor": "all"},
+                  "finetune": {"task_wording": TASK_WORDING, "task_operand_max": TASK_OPERAND_MAX},
                   "profile": {"use_vllm": False}}
 
 

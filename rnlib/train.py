@@ -444,7 +444,7 @@ def task_check(profile: Profile, run: Run, samples: int | None = None) -> dict:
     file = run.path / f"task_check-n{samples}.json"
     if file.is_file():
         kept = json.loads(file.read_text())
-        if kept.get("operand_max", list(TASK_OPERAND_MAX)) == operand_max:  # checks kept before the setting: default sums
+        if kept.get("operand_max", list(TASK_OPERAND_MAX)) == operand_max:  # kept before the setting: default sums
             return kept
     model, tokenizer = _model_to_check(profile, run, "task check")
     tokens, seed = profile.generation.max_new_tokens, run.manifest["seed"] + 4000
