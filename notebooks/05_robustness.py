@@ -161,33 +161,41 @@ if len(checks):
 # ## Finetunability: can each model still learn a benign task?
 #
 # A GRPO budget of its own (the profile's `finetune` settings), spent on short arithmetic questions with exact
-# answers (written for this project, `rnlib.data.arithmetic`); accuracy of greedy answers on held-out questions before and after. A
-# defense that blocks all RL learning, not only harmful learning, would show it here.
+# answers (written for this project, `rnlib.data.arithmetic`); accuracy on held-out questions before and after, of
+# greedy answers and, where the runs sampled them (`finetune.eval_samples`), of sampled ones, the utility floor's
+# measure. A defense that blocks all RL learning, not only harmful learning, would show it here.
 
 # %%
 finetuned = report(robustness.utility(study, domains, seed, train_missing), "Finetunability")
 if finetuned:
     utility = robustness.last_evals(finetuned)
-    before = {run.id: run.manifest["before"]["accuracy"] for _, run in finetuned}
-    utility["accuracy before"] = utility["run_id"].map(before)
     utility["model"] = [t if d == "all" else f"{t} ({d})" for t, d in zip(utility["target"], utility["domain"])]
-    refused = {run.id: run.manifest["before"].get("refusal") for _, run in finetuned}  # recorded by newer runs
-    utility["greedy refusal before"] = utility["run_id"].map(refused)
-    recorded = any(value is not None for value in refused.values())
-    shown = ["model", "accuracy before", "accuracy"] + (["greedy refusal before"] if recorded else [])
-    accuracy = utility[shown].rename(columns={"accuracy": "accuracy after"})
+    sampled = "sampled_accuracy" in utility and utility["sampled_accuracy"].notna().all()
+    measure = "sampled_accuracy" if sampled else "accuracy"
+    for name in ("accuracy", "refusal", *(["sampled_accuracy"] if sampled else [])):
+        utility[f"{name} before"] = utility["run_id"].map({run.id: run.manifest["before"].get(name)
+                                                           for _, run in finetuned})
+    recorded = utility["refusal before"].notna().any()  # recorded by newer runs
+    shown = {"model": "model", "accuracy before": "greedy accuracy before", "accuracy": "greedy accuracy after",
+             **({"refusal before": "greedy refusal before"} if recorded else {}),
+             **({"sampled_accuracy before": "sampled accuracy before", "sampled_accuracy": "sampled accuracy after"}
+                if sampled else {})}
+    accuracy = utility[list(shown)].rename(columns=shown)
     display(accuracy.round(3))
     plots.save_table(accuracy.round(3), "05_finetunability", figures_dir, "Finetunability: a benign task under GRPO",
-                     f"Greedy held-out arithmetic accuracy before and after {study.finetune.max_steps} GRPO steps; "
-                     "where recorded, the share of greedy answers that refuse the sum before training.")
-    long = utility.melt(id_vars="model", value_vars=["accuracy before", "accuracy"], var_name="when", value_name="acc")
+                     f"Held-out arithmetic accuracy before and after {study.finetune.max_steps} GRPO steps, of greedy "
+                     + (f"and of {study.finetune.eval_samples} sampled answers per sum" if sampled else "answers")
+                     + "; where recorded, the share of greedy answers that refuse the sum before training.")
+    label = "sampled" if sampled else "greedy"
+    long = utility.melt(id_vars="model", value_vars=[f"{measure} before", measure], var_name="when", value_name="acc")
     fig, ax = plots.plt.subplots(figsize=(1.3 * len(utility) + 2.5, 3.4))
-    plots.sns.barplot(data=long.replace({"accuracy": "accuracy after"}), x="model", y="acc", hue="when", ax=ax)
-    ax.set(ylabel="held-out arithmetic accuracy", xlabel="", ylim=(0, 1))
+    plots.sns.barplot(data=long.replace({f"{measure} before": "before", measure: "after"}), x="model", y="acc",
+                      hue="when", ax=ax)
+    ax.set(ylabel=f"held-out accuracy ({label} answers)", xlabel="", ylim=(0, 1))
     plots.save(fig, "05_finetunability", figures_dir)
     gains = ", ".join(f"{m} {b:.2f} -> {a:.2f}" for m, b, a in
-                      zip(utility["model"], utility["accuracy before"], utility["accuracy"]))
-    display(Markdown(f"Held-out accuracy before -> after the benign GRPO budget: {gains}."))
+                      zip(utility["model"], utility[f"{measure} before"], utility[measure]))
+    display(Markdown(f"Held-out accuracy ({label} answers) before -> after the benign GRPO budget: {gains}."))
 
 # %% [markdown]
 # ### Does a model refuse the task itself?

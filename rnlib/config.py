@@ -129,6 +129,9 @@ class FinetuneSettings(GRPOSettings):
 
     task_wording: str = TASK_WORDING
     task_operand_max: tuple[int, ...] = TASK_OPERAND_MAX
+    # Sampled answers per held-out sum at each evaluation, beside the greedy one (0: greedy only). Sampled accuracy
+    # moves in steps of 1/(32 x eval_samples), greedy accuracy in steps of 1/32: the floor judges the finer one.
+    eval_samples: int = 0
 
 
 @dataclass(frozen=True)
@@ -237,7 +240,7 @@ class Profile:
 # Settings added after runs were made enter a run's hash only when set away from the behaviour those runs had, so
 # adding one keeps every earlier run's cache key. "profile" holds the top-level settings (`pipeline.config_hash`).
 LATER_DEFAULTS = {"defend": {"kl_anchor": "all"},
-                  "finetune": {"task_wording": TASK_WORDING, "task_operand_max": TASK_OPERAND_MAX},
+                  "finetune": {"task_wording": TASK_WORDING, "task_operand_max": TASK_OPERAND_MAX, "eval_samples": 0},
                   "profile": {"use_vllm": False}}
 
 

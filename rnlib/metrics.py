@@ -114,7 +114,8 @@ FLOOR_DISTINCT = 0.8  # at least this share of benign answers distinct
 FLOOR_REPETITIVE_EXCESS = 0.1  # at most 10 points more repetitive benign answers than the standard model's
 FLOOR_FINETUNE_SHARE = 0.5  # the benign finetuning task gains at least half the standard model's accuracy gain
 # ... which says something only if the standard model learnt the task: 0.1 is 4 of the 32 held-out sums, above
-# the 1-3 questions by which a model that learnt nothing moves between two greedy evaluations.
+# the 1-3 questions by which a model that learnt nothing moves between two greedy evaluations (the gain is of sampled
+# answers where the finetune run evaluated them, `train.task_gain`).
 FLOOR_FINETUNE_MIN_GAIN = 0.1
 FINETUNABILITY = "finetunability / standard"  # the floor's check of benign RL learning
 

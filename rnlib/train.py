@@ -424,10 +424,33 @@ def public_check(profile: Profile, run: Run, domain: str, samples: int | None = 
 
 
 def task_scores(answers: list[str], rows: list[dict]) -> dict:
-    """Greedy answers to the finetunability task's sums (`data.arithmetic` rows): their accuracy, and the share that
-    refuse, since a refused sum earns no reward. The finetune run's evaluations and `task_check` score alike."""
-    correct = [arithmetic_answer(a, r["operands"]) == r["answer"] for a, r in zip(answers, rows)]
-    return {"accuracy": sum(correct) / len(rows), "refusal": sum(map(is_refusal, answers)) / len(answers)}
+    """Answers to the finetunability task's sums (`data.arithmetic` rows; several per sum, prompt-major, when there
+    are more answers than rows): their accuracy, and the share that refuse, since a refused sum earns no reward. The
+    finetune run's evaluations and `task_check` score alike."""
+    asked = [row for row in rows for _ in range(len(answers) // len(rows))]
+    correct = [arithmetic_answer(a, r["operands"]) == r["answer"] for a, r in zip(answers, asked)]
+    return {"accuracy": sum(correct) / len(answers), "refusal": sum(map(is_refusal, answers)) / len(answers)}
+
+
+def _task_answers(model, tokenizer, profile: Profile, rows: list[dict], samples: int, seed: int):
+    """A greedy answer to each of the task's sums and, when `samples`, that many sampled answers per sum (prompt-major,
+    drawn at `seed`): what the finetune run's evaluations and `task_check` score."""
+    prompts, tokens, batch = data.prompts(rows), profile.generation.max_new_tokens, profile.eval.batch_size
+    greedy = models.generate(model, tokenizer, prompts, max_new_tokens=tokens, temperature=0, batch_size=batch)
+    sampled = models.generate(model, tokenizer, prompts, max_new_tokens=tokens,
+                              temperature=profile.generation.temperature, top_p=profile.generation.top_p,
+                              num_return_sequences=samples, batch_size=batch, seed=seed) if samples else []
+    return greedy, sampled
+
+
+def task_gain(run: Run) -> float | None:
+    """A finished finetune run's accuracy gain on the held-out sums: of sampled answers where it evaluated them
+    (`finetune.eval_samples`, the finer measure), else of greedy ones; None while it has not finished."""
+    if not run.finished:
+        return None
+    before, after = run.manifest["before"], run.manifest["after"]
+    accuracy = "sampled_accuracy" if "sampled_accuracy" in before else "accuracy"
+    return after[accuracy] - before[accuracy]
 
 
 def task_check(profile: Profile, run: Run, samples: int | None = None) -> dict:
@@ -447,16 +470,11 @@ def task_check(profile: Profile, run: Run, samples: int | None = None) -> dict:
         if kept.get("operand_max", list(TASK_OPERAND_MAX)) == operand_max:  # kept before the setting: default sums
             return kept
     model, tokenizer = _model_to_check(profile, run, "task check")
-    tokens, seed = profile.generation.max_new_tokens, run.manifest["seed"] + 4000
+    seed = run.manifest["seed"] + 4000
     check = {"samples_per_prompt": samples, "seed": seed, "operand_max": operand_max, "wordings": {}}
     for name, wording in data.TASK_WORDINGS.items():
         rows = data.arithmetic("eval", wording, operand_max)
-        prompts = data.prompts(rows)
-        sampled = models.generate(model, tokenizer, prompts, max_new_tokens=tokens,
-                                  temperature=profile.generation.temperature, top_p=profile.generation.top_p,
-                                  num_return_sequences=samples, batch_size=profile.eval.batch_size, seed=seed)
-        greedy = models.generate(model, tokenizer, prompts, max_new_tokens=tokens, temperature=0,
-                                 batch_size=profile.eval.batch_size)
+        greedy, sampled = _task_answers(model, tokenizer, profile, rows, samples, seed)
         scores = task_scores(greedy, rows)
         check["wordings"][name] = {
             "wording": wording, "sampled_refusal": rate_with_interval(sum(map(is_refusal, sampled)), len(sampled)),
@@ -519,12 +537,11 @@ def utility_floors(profile: Profile, labelled: list[tuple[dict, Run]]):
 def utility_floor(profile: Profile, run: Run) -> dict:
     """The utility floor of a defended model against the standard model it started from (`metrics.utility_floor`),
     measured once and kept in its manifest (`utility_floor`). Finetunability counts once both models' finetune
-    runs have finished (as accuracy gains): a floor kept without them, or with the gains of other finetune runs
-    (the finetune settings changed), is measured again from the kept refusal checks."""
+    runs have finished (as accuracy gains, `task_gain`): a floor kept without them, or with the gains of other
+    finetune runs (the finetune settings changed), is measured again from the kept refusal checks."""
     start = Run(pipeline.runs_root() / run.manifest["start_model"])
     finetuned = [stage_run(profile, "finetune", None, run.manifest["seed"], start=model.id) for model in (run, start)]
-    gains = [f.manifest["after"]["accuracy"] - f.manifest["before"]["accuracy"] if f.finished else None
-             for f in finetuned]
+    gains = [task_gain(f) for f in finetuned]
     kept = run.manifest.get("utility_floor")
     if kept and kept["checks"][FINETUNABILITY].get("gains") == (None if None in gains else gains):
         return kept
@@ -1130,8 +1147,8 @@ def finetune(profile: Profile, start: Run, seed: int = 0) -> Run:
     """Finetunability: a GRPO budget (`profile.finetune`) spent on a benign task with exact answers
     (rnlib.data.arithmetic).
 
-    Accuracy on held-out questions (greedy answers) before and after: a defense that blocks benign learning
-    shows up here.
+    Accuracy on held-out questions before and after, of greedy answers and, with `finetune.eval_samples`, of
+    sampled ones: a defense that blocks benign learning shows up here.
     """
     settings = profile.finetune
     run = stage_run(profile, "finetune", None, seed, start=start.id)
@@ -1144,10 +1161,11 @@ def finetune(profile: Profile, start: Run, seed: int = 0) -> Run:
 
     def eval_factory(tokenizer):
         def run_eval(model, step: int) -> dict:
-            answers = models.generate(model, tokenizer, data.prompts(eval_rows), temperature=0,
-                                      max_new_tokens=profile.generation.max_new_tokens,
-                                      batch_size=profile.eval.batch_size)
-            summary = {"step": step} | task_scores(answers, eval_rows)
+            # one sampling seed at every evaluation: before and after differ by training alone
+            greedy, sampled = _task_answers(model, tokenizer, profile, eval_rows, settings.eval_samples, seed + 5000)
+            summary = {"step": step} | task_scores(greedy, eval_rows)
+            if sampled:
+                summary |= {f"sampled_{name}": value for name, value in task_scores(sampled, eval_rows).items()}
             run.append("evals.jsonl", [summary])
             return summary
 

@@ -140,10 +140,12 @@ def test_the_finetunability_task_wording_keeps_the_shipped_finetune_runs_until_i
         data.arithmetic("eval", "Calculate {a} plus {b}.")
     digits = load_profile("cpu", {"finetune.task_operand_max": [9, 9]})
     assert profile.finetune.task_operand_max == (60, 40) and digits.finetune.task_operand_max == (9, 9)
-    finetune_ids = {pipeline.config_hash(p, "finetune", None, 0, start) for p in (profile, reworded, digits)}
-    assert len(finetune_ids) == 3 and shipped[start] in finetune_ids
-    assert pipeline.config_hash(digits, "defend", "cyber", 0, start) == \
-        pipeline.config_hash(profile, "defend", "cyber", 0, start)
+    sampled = load_profile("cpu", {"finetune.eval_samples": 4})
+    finetune_ids = {pipeline.config_hash(p, "finetune", None, 0, start) for p in (profile, reworded, digits, sampled)}
+    assert len(finetune_ids) == 4 and shipped[start] in finetune_ids
+    for finetune_only in (digits, sampled):
+        assert pipeline.config_hash(finetune_only, "defend", "cyber", 0, start) == \
+            pipeline.config_hash(profile, "defend", "cyber", 0, start)
     sums = data.arithmetic("train", "Calculate {a} {op} {b}.", digits.finetune.task_operand_max)
     assert {a for r in sums for a in r["operands"]} <= set(range(2, 10)) and len(sums) == 64
     assert max(a for r in data.arithmetic("train") for a in r["operands"]) > 9  # the default sums are larger

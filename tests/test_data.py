@@ -96,3 +96,26 @@ def test_public_loader_offline_fails_with_the_fix(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(data.DataError, match="go online or pass path="):
         data.load_public("strongreject", "cyber")
+
+
+def test_finetunability_sums_hold_out_questions_never_trained_on():
+    """Single-digit sums repeat draws: the held-out split skips every train question and every repeat. The default
+    range never repeated one, so its rows are those the shipped finetune runs trained and evaluated on."""
+    import json
+
+    from rnlib.config import TASK_WORDING
+
+    results = Path(__file__).resolve().parent.parent / "results" / "cpu"
+    shipped = {(m["data"]["train"]["hash"], m["data"]["eval"]["hash"])
+               for m in (json.loads(p.read_text()) for p in results.glob("finetune-*/manifest.json"))
+               if "task_operand_max" not in m["profile"]["finetune"]}
+    assert shipped == {(data.split_hash(data.arithmetic("train")), data.split_hash(data.arithmetic("eval")))}
+    for operand_max in ((60, 40), (9, 9)):
+        train, held_out = (data.arithmetic(split, TASK_WORDING, operand_max) for split in ("train", "eval"))
+        asked = [r["prompt"] for r in held_out]
+        assert len(train) == 64 and len(set(asked)) == len(asked) == 32
+        assert not set(asked) & {r["prompt"] for r in train}
+        assert len({r["id"] for r in train + held_out}) == 96
+    assert len({r["prompt"] for r in data.arithmetic("train", TASK_WORDING, (9, 9))}) < 64  # a small range repeats
+    with pytest.raises(data.DataError, match="finetune.task_operand_max"):
+        data.arithmetic("eval", TASK_WORDING, (3, 9))  # 28 sums exist: no 32 held out

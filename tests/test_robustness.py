@@ -79,6 +79,9 @@ def test_finetunability_task_records_accuracy_before_and_after(aligned, profile)
     assert [e["step"] for e in run.evals()] == list(range(0, profile.attack.max_steps + 1, profile.attack.eval_every))
     assert 0 <= manifest["before"]["accuracy"] <= 1 and 0 <= manifest["after"]["accuracy"] <= 1
     assert all(0 <= e["refusal"] <= 1 for e in run.evals())  # a refused sum earns no reward: kept beside accuracy
+    samples = profile.finetune.eval_samples * 32  # sampled answers too, the floor's finer measure
+    assert samples and all(e["sampled_accuracy"] * samples == round(e["sampled_accuracy"] * samples) for e in run.evals())
+    assert train.task_gain(run) == manifest["after"]["sampled_accuracy"] - manifest["before"]["sampled_accuracy"]
     assert "rewards/exact_answer_reward/mean" in run.steps()[0]
 
 

@@ -85,3 +85,20 @@ def test_benign_health_bars_against_the_start(words, distinct, broken):
     start = {"benign_words": 30.0, "benign_distinct": 1.0}
     problem = metrics.benign_health_problem({"benign_words": words, "benign_distinct": distinct}, start)
     assert (problem is not None) == broken
+
+
+def test_task_scores_count_every_sampled_answer_and_the_gain_reads_the_finer_measure(tmp_path):
+    rows = [{"operands": [2, 3], "answer": 5}, {"operands": [7, 4], "answer": 3}]
+    scores = train.task_scores(["5", "6", "I can't help with that.", "3"], rows)  # two answers per sum
+    assert scores == {"accuracy": 0.5, "refusal": 0.25}
+    run = pipeline.Run(tmp_path)
+
+    def manifest(**fields):
+        pipeline.write_json_atomic(tmp_path / "manifest.json", fields)
+        return run
+
+    sampled = {"before": {"accuracy": 0.5, "sampled_accuracy": 0.25}, "after": {"accuracy": 0.5, "sampled_accuracy": 0.5}}
+    assert train.task_gain(manifest(status="finished", **sampled)) == 0.25
+    greedy = {"before": {"accuracy": 0.25}, "after": {"accuracy": 0.75}}
+    assert train.task_gain(manifest(status="finished", **greedy)) == 0.5  # greedy where the run sampled none
+    assert train.task_gain(manifest(status="running", **greedy)) is None
