@@ -53,9 +53,10 @@ def test_two_shards_of_a_tiny_smoke_matrix_cover_it_exactly_once(runs_root, alig
                                      "robustness.cross_domain": False})
     cells = plan.cells(plan.requested(profile))
     assert len(cells) >= 3  # the paper's attack on the standard and the RN model, and finetuning
+    # one thread each: two shards of two threads on two cores slow each other several-fold
     shards = [subprocess.Popen([sys.executable, "-m", "rnlib", "matrix", "--profile", "smoke", "--shard", f"{i}/2",
-                                *TINY], env=os.environ | {"RN_RUNS": str(runs_root)}, stdout=subprocess.PIPE,
-                               text=True) for i in range(2)]
+                                *TINY], env=os.environ | {"RN_RUNS": str(runs_root), "OMP_NUM_THREADS": "1"},
+                               stdout=subprocess.PIPE, text=True) for i in range(2)]
     reports = [json.loads(shard.communicate(timeout=1200)[0]) for shard in shards]
     assert [shard.returncode for shard in shards] == [0, 0]
     ran = [set(report["ran"]) for report in reports]
