@@ -99,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     planned.add_argument("--model", help="registry key or local directory (overrides the profile)")
     planned.add_argument("--gpu", help="also estimate memory per stage and GPU-hours on this GPU (default for "
                          "profiles that quantize: a100-80gb); one of a100-80gb, h100-80gb, h200, l40s")
+    planned.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                         help="plan under overrides, as `matrix --set` trains them")
     args = parser.parse_args(argv)
     try:
         if args.command == "profile":
@@ -107,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "plan":
             from rnlib import plan
 
-            profile = load_profile(args.profile, {"model": args.model} if args.model else None)
+            profile = load_profile(args.profile, _overrides(args.set) | ({"model": args.model} if args.model else {}))
             roots = [pipeline.runs_root(), pipeline.shipped_root(profile.name)]
             items = plan.requested(profile, args.domains)
             print("\n".join(plan.describe(profile, items, roots[0], roots)))

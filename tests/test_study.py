@@ -72,6 +72,10 @@ def test_plan_command_prints_without_training(tmp_path, monkeypatch, capsys):
     assert main(["plan", "--profile", "smoke"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("plan for profile smoke:") and "to train: align-all-smollm2-135m-s0-" in out
+    assert main(["plan", "--profile", "smoke", "--set", "defend.learning_rate=1e-3"]) == 0
+    overridden = capsys.readouterr().out
+    defenses = [{line for line in text.splitlines() if "to train: defend-" in line} for text in (out, overridden)]
+    assert defenses[0] and defenses[1] and not defenses[0] & defenses[1]  # the defense's config hash moved
     assert not list(tmp_path.iterdir())
 
 
